@@ -1,0 +1,471 @@
+//! Syscall tracepoints that find RESP connections and copy their bytes to user space.
+//!
+//! Entry programs save each syscall's arguments per thread; exit programs know how many bytes
+//! really moved, classify unknown (tgid, fd) pairs by the first bytes, and emit one record per
+//! buffer (per iovec for the vector calls) of tracked connections. Everything that cannot be
+//! delivered is counted in `LOSSES`, and lost bytes are reported as a gap on the next record of
+//! the same connection and direction, so user space knows exactly where its stream has a hole.
+//!
+//! Needs: syscall tracepoints, BPF ring buffers (Linux 5.8), `bpf_get_current_cgroup_id` (4.18).
+#![no_std]
+#![no_main]
+
+use aya_ebpf::{
+    EbpfContext,
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_probe_read_user_buf,
+    },
+    macros::{map, tracepoint},
+    maps::{LruHashMap, PerCpuArray, RingBuf},
+    programs::TracePointContext,
+};
+use respwatch_common::{
+    CLASSIFY_MISS_LIMIT, CLASSIFY_PEEK, ConnKey, ConnState, DATA_WINDOW, Direction, LOSS_REASONS,
+    LossReason, MAX_IOVECS, PendingIo, RecordHeader, Syscall, conn_status, looks_like_resp,
+    record_flags, record_kind,
+};
+
+/// Offsets in the `syscalls:sys_enter_*` / `sys_exit_*` tracepoint records (see their
+/// `format` files): the first argument, then one u64 per argument; the return value on exit.
+const ARG0: usize = 16;
+const ARG1: usize = 24;
+const ARG2: usize = 32;
+const RET: usize = 16;
+
+/// The daemon's own process: its gRPC and metrics traffic must not watch itself.
+#[unsafe(no_mangle)]
+static SELF_TGID: u32 = 0;
+
+/// Records to user space. The daemon sets the size at load time.
+#[map]
+static RECORDS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
+
+#[map]
+static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(131072, 0);
+
+/// Syscalls in flight on fds that are not known to be ignored, keyed by pid_tgid.
+#[map]
+static INFLIGHT: LruHashMap<u64, PendingIo> = LruHashMap::with_max_entries(16384, 0);
+
+#[map]
+static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_REASONS, 0);
+
+/// A record is assembled here (header, then copied bytes) and output with its exact size.
+#[repr(C)]
+struct Scratch {
+    header: RecordHeader,
+    data: [u8; DATA_WINDOW],
+}
+
+#[map]
+static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct IoVec {
+    base: u64,
+    len: u64,
+}
+
+/// The part of `struct user_msghdr` that locates its iovecs (x86_64/arm64 layout).
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct MsgHdr {
+    name: u64,
+    namelen: u32,
+    _pad: u32,
+    iov: u64,
+    iovlen: u64,
+}
+
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // SAFETY: the verifier rejects programs that could reach a panic; none is reachable.
+    unsafe { core::hint::unreachable_unchecked() }
+}
+
+fn count_loss(reason: LossReason) {
+    if let Some(counter) = LOSSES.get_ptr_mut(reason as u32) {
+        // SAFETY: per-CPU slot, only this CPU writes it.
+        unsafe { *counter += 1 };
+    }
+}
+
+fn self_tgid() -> u32 {
+    // SAFETY: a global the loader patches before load; volatile so it is not const-folded.
+    unsafe { core::ptr::read_volatile(&SELF_TGID) }
+}
+
+fn conn_key(tgid: u32, fd: i32) -> ConnKey {
+    ConnKey { tgid, fd }
+}
+
+// ---- entry: remember the arguments -------------------------------------------------------
+
+fn on_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
+    let pid_tgid = ctx.pid() as u64 | ((ctx.tgid() as u64) << 32);
+    let tgid = ctx.tgid();
+    if tgid == self_tgid() {
+        return 0;
+    }
+    // SAFETY: offsets from the tracepoint's format; the record is at least this long.
+    let (fd, ptr, len) = unsafe {
+        (
+            ctx.read_at::<u64>(ARG0).unwrap_or(u64::MAX) as i32,
+            ctx.read_at::<u64>(ARG1).unwrap_or(0),
+            ctx.read_at::<u64>(ARG2).unwrap_or(0),
+        )
+    };
+    if fd < 0 {
+        return 0;
+    }
+    // The common case on a busy node: I/O on a file, a pipe, or a socket known not to be RESP.
+    // SAFETY: read-only look at a map value.
+    match unsafe { CONNS.get(conn_key(tgid, fd)) } {
+        Some(state) if state.status == conn_status::IGNORED => return 0,
+        Some(_) => {}
+        // Not a socket the daemon knows of: only the socket-only calls prove it is one.
+        None if !syscall.socket_only() => return 0,
+        None => {}
+    }
+    let pending = PendingIo { ptr, len, fd, syscall: syscall as u8, _pad: [0; 3] };
+    if INFLIGHT.insert(pid_tgid, pending, 0).is_err() {
+        count_loss(LossReason::InflightFull);
+    }
+    0
+}
+
+// ---- exit: classify, copy, emit ----------------------------------------------------------
+
+fn on_exit(ctx: &TracePointContext) -> u32 {
+    let pid_tgid = ctx.pid() as u64 | ((ctx.tgid() as u64) << 32);
+    // SAFETY: value copied out before the entry is removed.
+    let Some(pending) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
+        return 0;
+    };
+    let _ = INFLIGHT.remove(pid_tgid);
+    // SAFETY: `ret` is the exit record's first field.
+    let ret = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
+    if ret <= 0 {
+        return 0;
+    }
+    let Some(syscall) = Syscall::from_u8(pending.syscall) else {
+        return 0;
+    };
+    let moved = ret as u64;
+    let tgid = ctx.tgid();
+    let key = conn_key(tgid, pending.fd);
+
+    let (first_ptr, first_len, iov_ptr, iov_count) = match locate_buffers(syscall, &pending) {
+        Some(found) => found,
+        None => return 0,
+    };
+
+    let mut flags = 0u8;
+    let state = match CONNS.get_ptr_mut(key) {
+        // SAFETY: map value pointer, valid for this program run.
+        Some(state) if unsafe { (*state).status } == conn_status::TRACKED => state,
+        Some(state) if unsafe { (*state).status } == conn_status::IGNORED => return 0,
+        known => {
+            if !classify(first_ptr, first_len.min(moved)) {
+                match known {
+                    // SAFETY: as above.
+                    Some(state) => unsafe {
+                        (*state).misses = (*state).misses.saturating_add(1);
+                        if (*state).misses >= CLASSIFY_MISS_LIMIT {
+                            (*state).status = conn_status::IGNORED;
+                        }
+                    },
+                    None => {
+                        let probing = ConnState {
+                            start_ns: 0,
+                            gap: [0; 2],
+                            status: conn_status::PROBING,
+                            misses: 1,
+                            _pad: [0; 6],
+                        };
+                        let _ = CONNS.insert(key, probing, 0);
+                    }
+                }
+                return 0;
+            }
+            let tracked = ConnState {
+                // SAFETY: plain helper call.
+                start_ns: unsafe { bpf_ktime_get_ns() },
+                gap: [0; 2],
+                status: conn_status::TRACKED,
+                misses: 0,
+                _pad: [0; 6],
+            };
+            if CONNS.insert(key, tracked, 0).is_err() {
+                return 0;
+            }
+            flags |= record_flags::FIRST;
+            match CONNS.get_ptr_mut(key) {
+                Some(state) => state,
+                None => return 0,
+            }
+        }
+    };
+
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: per-CPU scratch slot and a map value pointer, both valid for this run.
+    let (scratch, state) = unsafe { (&mut *scratch, &mut *state) };
+    let direction = syscall.direction();
+    fill_header(ctx, &mut scratch.header, syscall, pending.fd, state.start_ns, flags);
+
+    match iov_ptr {
+        None => emit_chunk(scratch, state, direction, first_ptr, moved),
+        Some(iov) => emit_iovecs(scratch, state, direction, iov, iov_count, moved),
+    }
+    0
+}
+
+/// Where the bytes are: the first buffer (for classification) and, for vector calls, the iovec
+/// array and its length.
+fn locate_buffers(syscall: Syscall, pending: &PendingIo) -> Option<(u64, u64, Option<u64>, u64)> {
+    let (iov, count) = match syscall {
+        Syscall::Read | Syscall::Write | Syscall::Recvfrom | Syscall::Sendto => {
+            return Some((pending.ptr, pending.len, None, 0));
+        }
+        Syscall::Readv | Syscall::Writev => (pending.ptr, pending.len),
+        Syscall::Recvmsg | Syscall::Sendmsg => {
+            // SAFETY: reads user memory through the checked helper.
+            let msg = unsafe { bpf_probe_read_user(pending.ptr as *const MsgHdr) }.ok()?;
+            (msg.iov, msg.iovlen)
+        }
+    };
+    if count == 0 {
+        return None;
+    }
+    // SAFETY: as above.
+    let first = unsafe { bpf_probe_read_user(iov as *const IoVec) }.ok()?;
+    Some((first.base, first.len, Some(iov), count))
+}
+
+fn classify(ptr: u64, len: u64) -> bool {
+    let mut peek = [0u8; CLASSIFY_PEEK];
+    let n = if len < CLASSIFY_PEEK as u64 { len as usize } else { CLASSIFY_PEEK };
+    // SAFETY: reads user memory through the checked helper.
+    if unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut peek) }.is_err() {
+        // A short buffer at the end of a page can fault on the full peek: retry exactly.
+        let Some(exact) = peek.get_mut(..n) else {
+            return false;
+        };
+        // SAFETY: as above.
+        if unsafe { bpf_probe_read_user_buf(ptr as *const u8, exact) }.is_err() {
+            return false;
+        }
+    }
+    looks_like_resp(&peek, n)
+}
+
+fn fill_header(
+    ctx: &TracePointContext,
+    header: &mut RecordHeader,
+    syscall: Syscall,
+    fd: i32,
+    conn_start_ns: u64,
+    flags: u8,
+) {
+    // SAFETY: plain helper calls.
+    unsafe {
+        header.ts_ns = bpf_ktime_get_ns();
+        header.cgroup_id = bpf_get_current_cgroup_id();
+    }
+    header.conn_start_ns = conn_start_ns;
+    header.tgid = ctx.tgid();
+    header.tid = ctx.pid();
+    header.fd = fd;
+    header.kind = record_kind::DATA;
+    header.syscall = syscall as u8;
+    header.direction = syscall.direction() as u8;
+    header.flags = flags;
+    header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+    header._pad = [0; 4];
+}
+
+fn emit_iovecs(
+    scratch: &mut Scratch,
+    state: &mut ConnState,
+    direction: Direction,
+    iov: u64,
+    count: u64,
+    moved: u64,
+) {
+    let mut remaining = moved;
+    let mut index = 0u32;
+    while index < MAX_IOVECS {
+        if remaining == 0 || index as u64 >= count {
+            return;
+        }
+        let entry = iov + index as u64 * core::mem::size_of::<IoVec>() as u64;
+        // SAFETY: reads user memory through the checked helper.
+        let Ok(vec) = (unsafe { bpf_probe_read_user(entry as *const IoVec) }) else {
+            break;
+        };
+        let len = if vec.len < remaining { vec.len } else { remaining };
+        if len > 0 {
+            emit_chunk(scratch, state, direction, vec.base, len);
+            scratch.header.flags &= !record_flags::FIRST;
+        }
+        remaining -= len;
+        index += 1;
+    }
+    if remaining > 0 {
+        // More iovecs than are copied one by one (or an unreadable one): their bytes are real,
+        // so report them, uncopied, to keep the stream's length exact.
+        send(scratch, state, direction, remaining, 0, record_flags::COPY_FAILED);
+    }
+}
+
+fn emit_chunk(scratch: &mut Scratch, state: &mut ConnState, direction: Direction, ptr: u64, len: u64) {
+    let window = if len < DATA_WINDOW as u64 { len as usize } else { DATA_WINDOW };
+    let copied = match scratch.data.get_mut(..window) {
+        // SAFETY: reads user memory through the checked helper.
+        Some(dst) => unsafe { bpf_probe_read_user_buf(ptr as *const u8, dst) }.is_ok(),
+        None => false,
+    };
+    if copied {
+        send(scratch, state, direction, len, window, 0);
+    } else {
+        count_loss(LossReason::CopyFailed);
+        send(scratch, state, direction, len, 0, record_flags::COPY_FAILED);
+    }
+}
+
+fn send(
+    scratch: &mut Scratch,
+    state: &mut ConnState,
+    direction: Direction,
+    total: u64,
+    copied: usize,
+    extra_flags: u8,
+) {
+    let dir = direction as usize & 1;
+    scratch.header.total_len = total;
+    scratch.header.copied_len = copied as u32;
+    scratch.header.gap_before = state.gap[dir];
+    let saved_flags = scratch.header.flags;
+    scratch.header.flags |= extra_flags;
+    let size = core::mem::size_of::<RecordHeader>() + copied;
+    // SAFETY: `Scratch` is `repr(C)` plain data; viewed as bytes up to its own size.
+    let bytes = unsafe {
+        core::slice::from_raw_parts(
+            (scratch as *const Scratch).cast::<u8>(),
+            core::mem::size_of::<Scratch>(),
+        )
+    };
+    let delivered = match bytes.get(..size) {
+        Some(record) => RECORDS.output::<[u8]>(record, 0).is_ok(),
+        None => false,
+    };
+    scratch.header.flags = saved_flags;
+    if delivered {
+        state.gap[dir] = 0;
+    } else {
+        state.gap[dir] += total;
+        count_loss(LossReason::RingFull);
+    }
+}
+
+// ---- close and fd reuse ------------------------------------------------------------------
+
+/// Forgets (tgid, fd) and tells user space when it was a tracked connection.
+fn forget(ctx: &TracePointContext, fd: i32) {
+    let tgid = ctx.tgid();
+    let key = conn_key(tgid, fd);
+    // SAFETY: value copied out before removal.
+    let Some(state) = (unsafe { CONNS.get(key) }).copied() else {
+        return;
+    };
+    let _ = CONNS.remove(key);
+    if state.status != conn_status::TRACKED {
+        return;
+    }
+    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: per-CPU scratch slot, valid for this run.
+    let scratch = unsafe { &mut *scratch };
+    fill_header(ctx, &mut scratch.header, Syscall::Read, fd, state.start_ns, 0);
+    scratch.header.kind = record_kind::CLOSE;
+    scratch.header.gap_before = state.gap[Direction::Ingress as usize];
+    scratch.header.total_len = state.gap[Direction::Egress as usize];
+    scratch.header.copied_len = 0;
+    if RECORDS.output::<RecordHeader>(&scratch.header, 0).is_err() {
+        count_loss(LossReason::CloseLost);
+    }
+}
+
+#[tracepoint]
+pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
+    if ctx.tgid() == self_tgid() {
+        return 0;
+    }
+    // SAFETY: offset from the tracepoint's format.
+    if let Ok(fd) = unsafe { ctx.read_at::<u64>(ARG0) } {
+        forget(&ctx, fd as i32);
+    }
+    0
+}
+
+/// A new socket from socket/accept/accept4: whatever was tracked under that fd number is gone,
+/// even if its close was never seen (close_range, dup2 over it), and the fd is now a socket to
+/// classify. Plain `read`/`write` are only looked at on fds known to be sockets this way (or
+/// from the daemon's scan of sockets that existed before it started), so files and pipes cost
+/// one map lookup.
+#[tracepoint]
+pub fn sys_exit_new_socket(ctx: TracePointContext) -> u32 {
+    if ctx.tgid() == self_tgid() {
+        return 0;
+    }
+    // SAFETY: `ret` is the exit record's first field.
+    let Ok(fd) = (unsafe { ctx.read_at::<i64>(RET) }) else {
+        return 0;
+    };
+    if fd < 0 {
+        return 0;
+    }
+    forget(&ctx, fd as i32);
+    let probing = ConnState {
+        start_ns: 0,
+        gap: [0; 2],
+        status: conn_status::PROBING,
+        misses: 0,
+        _pad: [0; 6],
+    };
+    let _ = CONNS.insert(conn_key(ctx.tgid(), fd as i32), probing, 0);
+    0
+}
+
+macro_rules! io_tracepoints {
+    ($($enter:ident, $syscall:expr;)*) => {
+        $(
+            #[tracepoint]
+            pub fn $enter(ctx: TracePointContext) -> u32 {
+                on_enter(&ctx, $syscall)
+            }
+        )*
+    };
+}
+
+io_tracepoints! {
+    sys_enter_read, Syscall::Read;
+    sys_enter_readv, Syscall::Readv;
+    sys_enter_recvfrom, Syscall::Recvfrom;
+    sys_enter_recvmsg, Syscall::Recvmsg;
+    sys_enter_write, Syscall::Write;
+    sys_enter_writev, Syscall::Writev;
+    sys_enter_sendto, Syscall::Sendto;
+    sys_enter_sendmsg, Syscall::Sendmsg;
+}
+
+/// One exit program serves every I/O syscall: the entry saved which one it was.
+#[tracepoint]
+pub fn sys_exit_io(ctx: TracePointContext) -> u32 {
+    on_exit(&ctx)
+}

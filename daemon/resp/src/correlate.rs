@@ -1,0 +1,964 @@
+//! Request/reply correlation for one connection: one [`Correlator`] per connection, fed both
+//! directions in capture order.
+//!
+//! Replies are paired with requests in FIFO order (Redis executes a connection's commands in
+//! order), with the protocol states that break naive pairing handled explicitly: pipelining,
+//! MULTI/EXEC/DISCARD (results of queued commands arrive inside EXEC's array), pub/sub
+//! (N confirmations per SUBSCRIBE, pushed messages that answer nothing), RESP3 push frames and
+//! attributes, `CLIENT REPLY OFF|SKIP` (commands without replies), MONITOR output, RESET.
+//!
+//! State that depends on the server's answer (whether MULTI started, whether HELLO 3 switched
+//! protocol) is updated when the reply is paired, not when the request is seen, so pipelined
+//! streams are handled in the order Redis executes them. State that suppresses replies
+//! (`CLIENT REPLY`) must be known before the replies (that never come), so it is tracked at
+//! request time.
+//!
+//! Loss is never silent: decoder desyncs are forwarded, requests that can no longer be paired
+//! are reported as [`Unanswered`], replies without a request as [`Output::UnmatchedReply`].
+
+use std::collections::VecDeque;
+
+use crate::command::{self, ErrorClass};
+use crate::decode::{Decoded, Decoder, DesyncReason, Frame, Kind};
+
+/// Outstanding requests kept per connection; more are reported and the queue reset.
+pub const MAX_OUTSTANDING: usize = 64 * 1024;
+/// Frames held while the role of the connection is not yet known.
+pub const MAX_UNDECIDED: usize = 64;
+
+/// Direction of captured bytes, from the point of view of the traced process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Direction {
+    /// Bytes this process read.
+    Ingress,
+    /// Bytes this process wrote.
+    Egress,
+}
+
+/// Which end of the Redis conversation the traced process is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// Reads requests, writes replies.
+    Server,
+    /// Writes requests, reads replies.
+    Client,
+}
+
+impl Role {
+    fn request_dir(self) -> Direction {
+        match self {
+            Role::Server => Direction::Ingress,
+            Role::Client => Direction::Egress,
+        }
+    }
+}
+
+/// Redis' view of how a command ended, as counted in `INFO commandstats`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Ran without an error reply (`calls`).
+    Ok,
+    /// Refused before running (`rejected_calls`); with `counted == false` Redis found no
+    /// command (unknown command/subcommand) and only errorstats changed.
+    Rejected,
+    /// Ran and replied an error (`calls` and `failed_calls`).
+    Failed,
+    /// Ran, but no reply was observed (`CLIENT REPLY OFF|SKIP`, or an EXEC result beyond the
+    /// summarised elements): counted in `calls`, error status unknown.
+    Unknown,
+    /// Queued in a transaction that was discarded (DISCARD, EXECABORT, WATCH abort, RESET):
+    /// never executed, not counted.
+    Discarded,
+}
+
+/// Shape of the reply an exchange got.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplyKind {
+    /// One reply frame of this type.
+    Frame(Kind),
+    /// No reply by design (`CLIENT REPLY OFF|SKIP`) or a discarded queued command.
+    NoReply,
+    /// An element of EXEC's result array.
+    TransactionElement(Kind),
+    /// This many pub/sub confirmations.
+    Confirmations(u64),
+}
+
+/// An error reply.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErrorReply {
+    /// `INFO errorstats` name (`WRONGTYPE`, `ERR`...).
+    pub prefix: String,
+    /// Error text without the leading `-`, bounded.
+    pub message: Vec<u8>,
+}
+
+/// One command and its outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Exchange {
+    /// Role of the traced process.
+    pub role: Role,
+    /// Stats name (`get`, `client|setname`).
+    pub command: String,
+    /// First key, raw and bounded; the daemon applies the privacy policy.
+    pub first_key: Option<Vec<u8>>,
+    /// Argument count including the command name.
+    pub argc: u32,
+    /// Request bytes on the wire.
+    pub request_bytes: u64,
+    /// Reply bytes on the wire (0 for EXEC elements: they are inside EXEC's reply).
+    pub reply_bytes: u64,
+    /// Shape of the reply.
+    pub reply_kind: ReplyKind,
+    /// Error reply, if any.
+    pub error: Option<ErrorReply>,
+    /// How Redis counts it.
+    pub outcome: Outcome,
+    /// Whether Redis has a commandstats row for it (false for unknown commands/subcommands
+    /// and discarded transaction commands).
+    pub counted: bool,
+    /// Server role: request fully read; client role: request fully written. For commands run
+    /// by EXEC: EXEC's request.
+    pub request_ts_ns: u64,
+    /// Server role: reply fully written; client role: reply fully read.
+    pub reply_ts_ns: u64,
+    /// Requests outstanding when this one was sent, itself included (1 = not pipelined).
+    pub pipeline_depth: u32,
+    /// Queued inside MULTI (executed by EXEC, or refused at queue time).
+    pub in_transaction: bool,
+}
+
+/// Kind of out-of-band data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PushKind {
+    /// Pub/sub `message`.
+    Message,
+    /// Pub/sub `pmessage`.
+    PMessage,
+    /// Sharded pub/sub `smessage`.
+    SMessage,
+    /// Client-side caching `invalidate`.
+    Invalidate,
+    /// A MONITOR line.
+    Monitor,
+    /// Anything else pushed (unsolicited unsubscribe, module pushes...).
+    Other,
+}
+
+/// Data the server sent that answers no request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Push {
+    /// Role of the traced process.
+    pub role: Role,
+    /// What was pushed.
+    pub kind: PushKind,
+    /// Channel (messages), bounded.
+    pub channel: Option<Vec<u8>>,
+    /// Bytes on the wire.
+    pub bytes: u64,
+    /// When it was written (server) or read (client).
+    pub ts_ns: u64,
+}
+
+/// Why a request got no paired reply.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnansweredReason {
+    /// The connection closed first.
+    Closed,
+    /// A desync in either direction made pairing impossible.
+    Desync,
+    /// More than [`MAX_OUTSTANDING`] requests were outstanding.
+    QueueOverflow,
+}
+
+/// A request that will never be paired.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unanswered {
+    /// Role of the traced process.
+    pub role: Role,
+    /// Stats name.
+    pub command: String,
+    /// First key, raw and bounded.
+    pub first_key: Option<Vec<u8>>,
+    /// Argument count.
+    pub argc: u32,
+    /// Request bytes.
+    pub request_bytes: u64,
+    /// When it was sent/read.
+    pub request_ts_ns: u64,
+    /// Queued inside MULTI when it was abandoned.
+    pub in_transaction: bool,
+    /// Why.
+    pub reason: UnansweredReason,
+}
+
+/// Correlator output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A command and its outcome.
+    Exchange(Exchange),
+    /// Out-of-band data.
+    Push(Push),
+    /// The decoder of `dir` lost sync and skipped bytes.
+    Desync {
+        /// Direction that lost sync.
+        dir: Direction,
+        /// Why.
+        reason: DesyncReason,
+        /// Bytes skipped.
+        skipped_bytes: u64,
+    },
+    /// A request that will never be paired.
+    Unanswered(Unanswered),
+    /// A reply with no request to pair it with (attached mid-stream, after a desync, or
+    /// protocol garbage in the reply direction).
+    UnmatchedReply {
+        /// Direction it arrived on.
+        dir: Direction,
+        /// When.
+        ts_ns: u64,
+        /// Bytes on the wire.
+        bytes: u64,
+    },
+    /// Frames dropped because the connection's role could not be determined in time.
+    RoleUnknown {
+        /// Direction they arrived on.
+        dir: Direction,
+        /// Bytes on the wire.
+        bytes: u64,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum SubKind {
+    Subscribe,
+    PSubscribe,
+    SSubscribe,
+    Unsubscribe,
+    PUnsubscribe,
+    SUnsubscribe,
+}
+
+impl SubKind {
+    fn from_name(s: &[u8]) -> Option<Self> {
+        let lower = s.to_ascii_lowercase();
+        Some(match lower.as_slice() {
+            b"subscribe" => SubKind::Subscribe,
+            b"psubscribe" => SubKind::PSubscribe,
+            b"ssubscribe" => SubKind::SSubscribe,
+            b"unsubscribe" => SubKind::Unsubscribe,
+            b"punsubscribe" => SubKind::PUnsubscribe,
+            b"sunsubscribe" => SubKind::SUnsubscribe,
+            _ => return None,
+        })
+    }
+
+    fn is_unsubscribe(self) -> bool {
+        matches!(
+            self,
+            SubKind::Unsubscribe | SubKind::PUnsubscribe | SubKind::SUnsubscribe
+        )
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    Reply,
+    NoReply,
+    /// Pub/sub confirmations; `remaining: None` = one per current subscription (unknown).
+    Confirm {
+        kind: SubKind,
+        remaining: Option<u64>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ReplyMode {
+    On,
+    Off,
+    SkipNext,
+}
+
+#[derive(Debug, Clone)]
+struct Request {
+    command: String,
+    first_key: Option<Vec<u8>>,
+    argc: u32,
+    arg1: Option<Vec<u8>>,
+    request_bytes: u64,
+    request_ts: u64,
+    pipeline_depth: u32,
+    expect: Expect,
+    confirmations: u64,
+    reply_bytes: u64,
+    last_reply_ts: u64,
+}
+
+/// Pairs requests and replies of one connection.
+#[derive(Debug)]
+pub struct Correlator {
+    ingress: Decoder,
+    egress: Decoder,
+    role: Option<Role>,
+    undecided: VecDeque<(Direction, u64, Frame)>,
+    queue: VecDeque<Request>,
+    /// Commands queued since MULTI was acknowledged; `None` outside a transaction.
+    multi: Option<Vec<Request>>,
+    reply_mode: ReplyMode,
+    resp3: bool,
+    subscribed: bool,
+    monitor: bool,
+    /// Pairing was lost: replies completed before the head request was sent are orphans.
+    unsynced: bool,
+    decoded: Vec<Decoded>,
+}
+
+impl Default for Correlator {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn is_error(frame: &Frame) -> bool {
+    frame.kind.is_error()
+}
+
+fn error_of(text: &[u8]) -> ErrorReply {
+    ErrorReply {
+        prefix: command::error_prefix(text),
+        message: text.to_vec(),
+    }
+}
+
+/// RESP2 pub/sub message arrays: `message` (3 elements), `pmessage` (4), `smessage` (3).
+fn message_kind(frame: &Frame) -> Option<PushKind> {
+    let first = frame.items.first()?.text.as_deref()?.to_ascii_lowercase();
+    match (first.as_slice(), frame.len) {
+        (b"message", 3) => Some(PushKind::Message),
+        (b"pmessage", 4) => Some(PushKind::PMessage),
+        (b"smessage", 3) => Some(PushKind::SMessage),
+        (b"invalidate", 2) if frame.kind == Kind::Push => Some(PushKind::Invalidate),
+        _ => None,
+    }
+}
+
+/// `[kind, channel, count]` confirmations of (un)subscribe commands.
+fn confirmation_kind(frame: &Frame) -> Option<SubKind> {
+    if frame.len != 3 || frame.items.get(2).and_then(|i| i.integer).is_none() {
+        return None;
+    }
+    SubKind::from_name(frame.items.first()?.text.as_deref()?)
+}
+
+/// MONITOR lines: `<secs>.<usecs> [<db> <addr>] "cmd" ...`.
+fn looks_like_monitor(text: &[u8]) -> bool {
+    let digits = text.iter().take_while(|b| b.is_ascii_digit()).count();
+    digits > 0 && text.get(digits) == Some(&b'.') && text.windows(2).any(|w| w == b" [")
+}
+
+impl Correlator {
+    /// A correlator for a new connection (role not yet known).
+    pub fn new() -> Self {
+        Correlator {
+            ingress: Decoder::new(),
+            egress: Decoder::new(),
+            role: None,
+            undecided: VecDeque::new(),
+            queue: VecDeque::new(),
+            multi: None,
+            reply_mode: ReplyMode::On,
+            resp3: false,
+            subscribed: false,
+            monitor: false,
+            unsynced: false,
+            decoded: Vec::new(),
+        }
+    }
+
+    /// A correlator for a connection joined mid-stream: both decoders discard until a chunk
+    /// starts with a plausible message, and replies are not paired until a request was seen.
+    pub fn mid_stream() -> Self {
+        Correlator {
+            ingress: Decoder::mid_stream(),
+            egress: Decoder::mid_stream(),
+            unsynced: true,
+            ..Self::new()
+        }
+    }
+
+    /// The role, once determined from the traffic.
+    pub fn role(&self) -> Option<Role> {
+        self.role
+    }
+
+    /// Requests awaiting a reply.
+    pub fn outstanding(&self) -> usize {
+        self.queue.len()
+    }
+
+    /// Bytes of `dir` captured (`copied`) and not captured (`uncopied`) at `ts_ns`.
+    pub fn feed(
+        &mut self,
+        dir: Direction,
+        ts_ns: u64,
+        copied: &[u8],
+        uncopied: u64,
+        out: &mut Vec<Output>,
+    ) {
+        let mut decoded = std::mem::take(&mut self.decoded);
+        self.decoder(dir).feed(copied, uncopied, &mut decoded);
+        self.handle(dir, ts_ns, &mut decoded, out);
+        self.decoded = decoded;
+    }
+
+    /// `len` bytes of `dir` were lost before `ts_ns`.
+    pub fn lose(&mut self, dir: Direction, ts_ns: u64, len: u64, out: &mut Vec<Output>) {
+        let mut decoded = std::mem::take(&mut self.decoded);
+        self.decoder(dir).lose(len, &mut decoded);
+        self.handle(dir, ts_ns, &mut decoded, out);
+        self.decoded = decoded;
+    }
+
+    /// The connection closed: complete what can be completed, report the rest unanswered.
+    /// (`_ts_ns` is when it closed; unanswered requests keep their own request time.)
+    pub fn close(&mut self, _ts_ns: u64, out: &mut Vec<Output>) {
+        for (dir, _, frame) in self.undecided.drain(..) {
+            out.push(Output::RoleUnknown {
+                dir,
+                bytes: frame.wire_len,
+            });
+        }
+        let Some(role) = self.role else { return };
+        while let Some(req) = self.queue.pop_front() {
+            match req.expect {
+                Expect::NoReply => self.emit_no_reply(role, req, out),
+                Expect::Confirm { .. } if req.confirmations > 0 => {
+                    self.emit_confirmed(role, req, out)
+                }
+                _ => out.push(unanswered(role, req, false, UnansweredReason::Closed)),
+            }
+        }
+        for req in self.multi.take().unwrap_or_default() {
+            out.push(unanswered(role, req, true, UnansweredReason::Closed));
+        }
+    }
+
+    fn decoder(&mut self, dir: Direction) -> &mut Decoder {
+        match dir {
+            Direction::Ingress => &mut self.ingress,
+            Direction::Egress => &mut self.egress,
+        }
+    }
+
+    fn handle(
+        &mut self,
+        dir: Direction,
+        ts: u64,
+        decoded: &mut Vec<Decoded>,
+        out: &mut Vec<Output>,
+    ) {
+        for d in decoded.drain(..) {
+            match d {
+                Decoded::Frame(frame) => self.on_frame(dir, ts, frame, out),
+                Decoded::Desync(ds) => {
+                    out.push(Output::Desync {
+                        dir,
+                        reason: ds.reason,
+                        skipped_bytes: ds.skipped_bytes,
+                    });
+                    self.lost_pairing(UnansweredReason::Desync, out);
+                }
+            }
+        }
+    }
+
+    fn lost_pairing(&mut self, reason: UnansweredReason, out: &mut Vec<Output>) {
+        let Some(role) = self.role else { return };
+        for req in self.queue.drain(..) {
+            out.push(unanswered(role, req, false, reason));
+        }
+        for req in self.multi.take().unwrap_or_default() {
+            out.push(unanswered(role, req, true, reason));
+        }
+        self.unsynced = true;
+    }
+
+    fn on_frame(&mut self, dir: Direction, ts: u64, frame: Frame, out: &mut Vec<Output>) {
+        let role = match self.role {
+            Some(r) => r,
+            None => {
+                let requests_dir = if frame.kind == Kind::Inline {
+                    (frame.len > 0).then_some(dir)
+                } else if frame.is_command() {
+                    None
+                } else {
+                    Some(match dir {
+                        Direction::Ingress => Direction::Egress,
+                        Direction::Egress => Direction::Ingress,
+                    })
+                };
+                match requests_dir {
+                    Some(Direction::Ingress) => self.role = Some(Role::Server),
+                    Some(Direction::Egress) => self.role = Some(Role::Client),
+                    None => {
+                        if self.undecided.len() >= MAX_UNDECIDED
+                            && let Some((d, _, f)) = self.undecided.pop_front()
+                        {
+                            out.push(Output::RoleUnknown {
+                                dir: d,
+                                bytes: f.wire_len,
+                            });
+                        }
+                        self.undecided.push_back((dir, ts, frame));
+                        return;
+                    }
+                }
+                let held: Vec<_> = self.undecided.drain(..).collect();
+                for (d, t, f) in held {
+                    self.on_frame(d, t, f, out);
+                }
+                self.on_frame(dir, ts, frame, out);
+                return;
+            }
+        };
+        if dir == role.request_dir() {
+            self.on_request(role, ts, frame, out);
+        } else {
+            self.on_reply(role, dir, ts, frame, out);
+        }
+    }
+
+    fn on_request(&mut self, role: Role, ts: u64, frame: Frame, out: &mut Vec<Output>) {
+        // Redis ignores empty inline lines and never answers non-command frames with a
+        // paired reply (it closes the connection with a protocol error).
+        if !frame.is_command() {
+            return;
+        }
+        let args: Vec<&[u8]> = frame
+            .items
+            .iter()
+            .map(|i| i.text.as_deref().unwrap_or_default())
+            .collect();
+        let command = command::stats_name(&args, frame.len);
+        let first_key = command::first_key(&command, &args);
+        let argc = u32::try_from(frame.len).unwrap_or(u32::MAX);
+        let arg1 = args.get(1).map(|a| a.to_vec());
+        let mut expect = match command::stats_name(&args[..1], 1).as_str() {
+            "subscribe" | "psubscribe" | "ssubscribe" if argc >= 2 => Expect::Confirm {
+                kind: SubKind::from_name(args[0]).unwrap_or(SubKind::Subscribe),
+                remaining: Some(u64::from(argc - 1)),
+            },
+            "unsubscribe" | "punsubscribe" | "sunsubscribe" => Expect::Confirm {
+                kind: SubKind::from_name(args[0]).unwrap_or(SubKind::Unsubscribe),
+                remaining: (argc >= 2).then(|| u64::from(argc - 1)),
+            },
+            _ => Expect::Reply,
+        };
+        match self.reply_mode {
+            ReplyMode::On => {}
+            ReplyMode::Off => expect = Expect::NoReply,
+            ReplyMode::SkipNext => {
+                expect = Expect::NoReply;
+                self.reply_mode = ReplyMode::On;
+            }
+        }
+        if command == "client|reply" && argc == 3 {
+            match args.get(2).map(|a| a.to_ascii_lowercase()).as_deref() {
+                Some(b"on") => {
+                    self.reply_mode = ReplyMode::On;
+                    expect = Expect::Reply;
+                }
+                Some(b"off") => {
+                    self.reply_mode = ReplyMode::Off;
+                    expect = Expect::NoReply;
+                }
+                Some(b"skip") => {
+                    if self.reply_mode == ReplyMode::On {
+                        self.reply_mode = ReplyMode::SkipNext;
+                    }
+                    expect = Expect::NoReply;
+                }
+                _ => {}
+            }
+        } else if command == "reset" {
+            // RESET turns replies back on and always answers.
+            self.reply_mode = ReplyMode::On;
+            expect = Expect::Reply;
+        }
+        if self.queue.len() >= MAX_OUTSTANDING {
+            self.lost_pairing(UnansweredReason::QueueOverflow, out);
+        }
+        let pipeline_depth = u32::try_from(self.queue.len() + 1).unwrap_or(u32::MAX);
+        self.queue.push_back(Request {
+            command,
+            first_key,
+            argc,
+            arg1,
+            request_bytes: frame.wire_len,
+            request_ts: ts,
+            pipeline_depth,
+            expect,
+            confirmations: 0,
+            reply_bytes: 0,
+            last_reply_ts: ts,
+        });
+        self.flush_no_reply(role, out);
+    }
+
+    /// Requests at the head that get no reply are complete as soon as they are reached.
+    fn flush_no_reply(&mut self, role: Role, out: &mut Vec<Output>) {
+        while self
+            .queue
+            .front()
+            .is_some_and(|r| r.expect == Expect::NoReply)
+        {
+            if let Some(req) = self.queue.pop_front() {
+                self.emit_no_reply(role, req, out);
+            }
+        }
+    }
+
+    fn emit_no_reply(&mut self, role: Role, req: Request, out: &mut Vec<Output>) {
+        let ts = req.request_ts;
+        out.push(Output::Exchange(exchange(
+            role,
+            req,
+            ReplyKind::NoReply,
+            None,
+            Outcome::Unknown,
+            true,
+            (0, ts),
+            false,
+        )));
+    }
+
+    fn emit_confirmed(&mut self, role: Role, req: Request, out: &mut Vec<Output>) {
+        let kind = ReplyKind::Confirmations(req.confirmations);
+        let (bytes, ts) = (req.reply_bytes, req.last_reply_ts);
+        out.push(Output::Exchange(exchange(
+            role,
+            req,
+            kind,
+            None,
+            Outcome::Ok,
+            true,
+            (bytes, ts),
+            false,
+        )));
+    }
+
+    fn push(&self, role: Role, kind: PushKind, frame: &Frame, ts: u64, out: &mut Vec<Output>) {
+        let channel = match kind {
+            PushKind::Message | PushKind::SMessage => frame.arg(1).map(<[u8]>::to_vec),
+            PushKind::PMessage => frame.arg(2).map(<[u8]>::to_vec),
+            _ => None,
+        };
+        out.push(Output::Push(Push {
+            role,
+            kind,
+            channel,
+            bytes: frame.wire_len,
+            ts_ns: ts,
+        }));
+    }
+
+    fn on_reply(
+        &mut self,
+        role: Role,
+        dir: Direction,
+        ts: u64,
+        frame: Frame,
+        out: &mut Vec<Output>,
+    ) {
+        if frame.kind == Kind::Inline {
+            out.push(Output::UnmatchedReply {
+                dir,
+                ts_ns: ts,
+                bytes: frame.wire_len,
+            });
+            return;
+        }
+        self.flush_no_reply(role, out);
+        let confirmation = if frame.kind == Kind::Push || (frame.kind == Kind::Array && !self.resp3)
+        {
+            confirmation_kind(&frame)
+        } else {
+            None
+        };
+        // A head waiting for "one confirmation per subscription" ends at the first frame that
+        // is not one of its confirmations.
+        if let Some(head) = self.queue.front()
+            && let Expect::Confirm { kind, .. } = head.expect
+            && head.confirmations > 0
+            && confirmation != Some(kind)
+            && let Some(req) = self.queue.pop_front()
+        {
+            self.emit_confirmed(role, req, out);
+            self.flush_no_reply(role, out);
+        }
+        if let Some(kind) = confirmation
+            && let Some(head) = self.queue.front_mut()
+            && head.expect_confirm_kind() == Some(kind)
+            && self.multi.is_none()
+        {
+            let count = frame.items.get(2).and_then(|i| i.integer).unwrap_or(0);
+            let null_channel = frame.items.get(1).is_some_and(|i| i.null);
+            head.confirmations += 1;
+            head.reply_bytes += frame.wire_len;
+            head.last_reply_ts = ts;
+            self.unsynced = false;
+            self.subscribed = count > 0 || !kind.is_unsubscribe();
+            let done = match &mut head.expect {
+                Expect::Confirm {
+                    remaining: Some(n), ..
+                } => {
+                    *n = n.saturating_sub(1);
+                    *n == 0
+                }
+                _ => null_channel || count == 0,
+            };
+            if done && let Some(req) = self.queue.pop_front() {
+                self.emit_confirmed(role, req, out);
+                self.flush_no_reply(role, out);
+            }
+            return;
+        }
+        if frame.kind == Kind::Push {
+            let kind = message_kind(&frame).unwrap_or(PushKind::Other);
+            self.push(role, kind, &frame, ts, out);
+            return;
+        }
+        if self.monitor
+            && frame.kind == Kind::SimpleString
+            && frame.text.as_deref().is_some_and(looks_like_monitor)
+        {
+            self.push(role, PushKind::Monitor, &frame, ts, out);
+            return;
+        }
+        if frame.kind == Kind::Array && !self.resp3 && (self.subscribed || self.queue.is_empty()) {
+            if let Some(kind) = message_kind(&frame) {
+                self.push(role, kind, &frame, ts, out);
+                return;
+            }
+            if confirmation.is_some() {
+                self.push(role, PushKind::Other, &frame, ts, out);
+                return;
+            }
+        }
+        let Some(head) = self.queue.front() else {
+            out.push(Output::UnmatchedReply {
+                dir,
+                ts_ns: ts,
+                bytes: frame.wire_len,
+            });
+            return;
+        };
+        if self.unsynced && ts < head.request_ts {
+            out.push(Output::UnmatchedReply {
+                dir,
+                ts_ns: ts,
+                bytes: frame.wire_len,
+            });
+            return;
+        }
+        self.unsynced = false;
+        if let Some(req) = self.queue.pop_front() {
+            self.complete(role, req, ts, &frame, out);
+        }
+    }
+
+    fn complete(
+        &mut self,
+        role: Role,
+        req: Request,
+        ts: u64,
+        frame: &Frame,
+        out: &mut Vec<Output>,
+    ) {
+        let name = req.command.as_str();
+        let error = frame.error_text().map(error_of);
+        if let Some(queued) = self.multi.as_mut()
+            && !matches!(
+                name,
+                "exec" | "discard" | "multi" | "watch" | "quit" | "reset"
+            )
+        {
+            if frame.kind == Kind::SimpleString && frame.text.as_deref() == Some(b"QUEUED") {
+                queued.push(Request {
+                    reply_bytes: frame.wire_len,
+                    ..req
+                });
+                return;
+            }
+            let (outcome, counted) = outcome_of(&req, frame);
+            out.push(Output::Exchange(exchange(
+                role,
+                req,
+                ReplyKind::Frame(frame.kind),
+                error,
+                outcome,
+                counted,
+                (frame.wire_len, ts),
+                true,
+            )));
+            return;
+        }
+        let ok = !is_error(frame);
+        match name {
+            "multi" if ok && self.multi.is_none() => self.multi = Some(Vec::new()),
+            "exec" => {
+                if let Some(queued) = self.multi.take() {
+                    let ran = frame.kind == Kind::Array && !frame.null;
+                    for (i, q) in queued.into_iter().enumerate() {
+                        let ex = if ran {
+                            exec_element(role, q, frame.items.get(i), &req, ts)
+                        } else {
+                            discarded(role, q, &req, ts)
+                        };
+                        out.push(Output::Exchange(ex));
+                    }
+                }
+            }
+            "discard" if ok => {
+                for q in self.multi.take().unwrap_or_default() {
+                    out.push(Output::Exchange(discarded(role, q, &req, ts)));
+                }
+            }
+            "reset" if ok => {
+                for q in self.multi.take().unwrap_or_default() {
+                    out.push(Output::Exchange(discarded(role, q, &req, ts)));
+                }
+                self.subscribed = false;
+                self.monitor = false;
+                self.resp3 = false;
+            }
+            "hello" if ok => match req.arg1.as_deref() {
+                Some(b"3") => self.resp3 = true,
+                Some(b"2") => self.resp3 = false,
+                _ => {}
+            },
+            "monitor" if ok => self.monitor = true,
+            _ => {}
+        }
+        let (outcome, counted) = outcome_of(&req, frame);
+        out.push(Output::Exchange(exchange(
+            role,
+            req,
+            ReplyKind::Frame(frame.kind),
+            error,
+            outcome,
+            counted,
+            (frame.wire_len, ts),
+            false,
+        )));
+    }
+}
+
+impl Request {
+    fn expect_confirm_kind(&self) -> Option<SubKind> {
+        match self.expect {
+            Expect::Confirm { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+}
+
+fn outcome_of(req: &Request, frame: &Frame) -> (Outcome, bool) {
+    match frame.error_text() {
+        None => (Outcome::Ok, true),
+        Some(text) => match command::classify_error(&req.command, u64::from(req.argc), text) {
+            ErrorClass::NotCounted => (Outcome::Rejected, false),
+            ErrorClass::Rejected => (Outcome::Rejected, true),
+            ErrorClass::Failed => (Outcome::Failed, true),
+        },
+    }
+}
+
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one constructor for every way an exchange ends keeps the field mapping in one place"
+)]
+fn exchange(
+    role: Role,
+    req: Request,
+    reply_kind: ReplyKind,
+    error: Option<ErrorReply>,
+    outcome: Outcome,
+    counted: bool,
+    (reply_bytes, reply_ts_ns): (u64, u64),
+    in_transaction: bool,
+) -> Exchange {
+    Exchange {
+        role,
+        command: req.command,
+        first_key: req.first_key,
+        argc: req.argc,
+        request_bytes: req.request_bytes,
+        reply_bytes,
+        reply_kind,
+        error,
+        outcome,
+        counted,
+        request_ts_ns: req.request_ts,
+        reply_ts_ns,
+        pipeline_depth: req.pipeline_depth,
+        in_transaction,
+    }
+}
+
+/// A command run by EXEC: its result is element `item` of EXEC's array. Errors there were
+/// raised while it ran, so they are failed calls.
+fn exec_element(
+    role: Role,
+    q: Request,
+    item: Option<&crate::decode::Item>,
+    exec: &Request,
+    ts: u64,
+) -> Exchange {
+    let exec_ts = exec.request_ts;
+    let (kind, error, outcome) = match item {
+        None => (ReplyKind::NoReply, None, Outcome::Unknown),
+        Some(it) if it.kind.is_error() => (
+            ReplyKind::TransactionElement(it.kind),
+            Some(error_of(it.text.as_deref().unwrap_or_default())),
+            Outcome::Failed,
+        ),
+        Some(it) => (ReplyKind::TransactionElement(it.kind), None, Outcome::Ok),
+    };
+    Exchange {
+        request_ts_ns: exec_ts,
+        ..exchange(role, q, kind, error, outcome, true, (0, ts), true)
+    }
+}
+
+fn discarded(role: Role, q: Request, by: &Request, ts: u64) -> Exchange {
+    Exchange {
+        request_ts_ns: by.request_ts,
+        ..exchange(
+            role,
+            q,
+            ReplyKind::NoReply,
+            None,
+            Outcome::Discarded,
+            false,
+            (0, ts),
+            true,
+        )
+    }
+}
+
+fn unanswered(role: Role, req: Request, in_transaction: bool, reason: UnansweredReason) -> Output {
+    Output::Unanswered(Unanswered {
+        role,
+        command: req.command,
+        first_key: req.first_key,
+        argc: req.argc,
+        request_bytes: req.request_bytes,
+        request_ts_ns: req.request_ts,
+        in_transaction,
+        reason,
+    })
+}
+
+#[cfg(test)]
+mod tests;

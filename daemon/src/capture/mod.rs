@@ -1,0 +1,236 @@
+//! Capture stage: loads and attaches the eBPF programs, seeds them with the sockets that already
+//! exist, and reads typed records from the ring buffer.
+//!
+//! Minimum kernel: 5.8 (BPF ring buffer); syscall tracepoints (`CONFIG_FTRACE_SYSCALLS`) and
+//! tracefs. Programs are detached when [`Capture`] is dropped.
+mod preflight;
+mod record;
+mod sockets;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{HashMap, MapData, PerCpuArray, RingBuf},
+    programs::TracePoint,
+};
+use respwatch_common::{ConnKey, ConnState, LOSS_REASONS, LossReason};
+use tokio::io::unix::AsyncFd;
+
+pub use preflight::TRACEFS;
+pub use record::{Chunk, ConnRef, Record, comm_str};
+
+/// The eBPF object built from `daemon-ebpf` by the build script.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/respwatch"));
+
+/// Which program serves which tracepoint of the `syscalls` category.
+const ATTACHMENTS: &[(&str, &[&str])] = &[
+    ("sys_enter_read", &["sys_enter_read"]),
+    ("sys_enter_readv", &["sys_enter_readv"]),
+    ("sys_enter_recvfrom", &["sys_enter_recvfrom"]),
+    ("sys_enter_recvmsg", &["sys_enter_recvmsg"]),
+    ("sys_enter_write", &["sys_enter_write"]),
+    ("sys_enter_writev", &["sys_enter_writev"]),
+    ("sys_enter_sendto", &["sys_enter_sendto"]),
+    ("sys_enter_sendmsg", &["sys_enter_sendmsg"]),
+    (
+        "sys_exit_io",
+        &[
+            "sys_exit_read",
+            "sys_exit_readv",
+            "sys_exit_recvfrom",
+            "sys_exit_recvmsg",
+            "sys_exit_write",
+            "sys_exit_writev",
+            "sys_exit_sendto",
+            "sys_exit_sendmsg",
+        ],
+    ),
+    ("sys_enter_close", &["sys_enter_close"]),
+    ("sys_exit_new_socket", &["sys_exit_socket", "sys_exit_accept", "sys_exit_accept4"]),
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    #[error(
+        "respwatchd needs root, or the capabilities CAP_BPF and CAP_PERFMON (or CAP_SYS_ADMIN), \
+         to load eBPF programs"
+    )]
+    NotPrivileged,
+    #[error(
+        "tracefs is not mounted at {TRACEFS} and mounting it failed ({source}); mount it with \
+         `mount -t tracefs tracefs {TRACEFS}` (in a container: mount the host's {TRACEFS})"
+    )]
+    Tracefs { source: std::io::Error },
+    #[error(
+        "the kernel has no syscall tracepoints {missing:?} (it needs CONFIG_FTRACE_SYSCALLS)"
+    )]
+    MissingTracepoints { missing: Vec<String> },
+    #[error("ring buffer size {bytes} must be a power of two and at least 4096 bytes")]
+    BadRingSize { bytes: u32 },
+    #[error(
+        "loading the eBPF programs failed (respwatchd needs Linux >= 5.8 with BPF ring buffers \
+         and BTF): {source}"
+    )]
+    Load {
+        #[source]
+        source: aya::EbpfError,
+    },
+    #[error("the eBPF object has no {what} named {name}")]
+    Missing { what: &'static str, name: String },
+    #[error("attaching {program} to syscalls:{tracepoint} failed: {source}")]
+    Attach {
+        program: String,
+        tracepoint: String,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("eBPF map {name}: {source}")]
+    Map {
+        name: &'static str,
+        #[source]
+        source: aya::maps::MapError,
+    },
+    #[error("reading {what}: {source}")]
+    Proc {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("waiting on the ring buffer: {0}")]
+    Poll(#[source] std::io::Error),
+    #[error("malformed ring buffer record ({len} bytes): {why}")]
+    BadRecord { len: usize, why: &'static str },
+}
+
+#[derive(Clone, Debug)]
+pub struct CaptureConfig {
+    /// Size of the kernel-to-user ring buffer in bytes (a power of two).
+    pub ring_bytes: u32,
+}
+
+impl Default for CaptureConfig {
+    fn default() -> Self {
+        Self { ring_bytes: 64 * 1024 * 1024 }
+    }
+}
+
+/// Counters of what the kernel side could not deliver, by reason.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct KernelLosses {
+    pub counts: [u64; LOSS_REASONS as usize],
+}
+
+impl KernelLosses {
+    pub fn get(&self, reason: LossReason) -> u64 {
+        self.counts[reason as usize]
+    }
+}
+
+pub struct Capture {
+    ring: AsyncFd<RingBuf<MapData>>,
+    losses: PerCpuArray<MapData, u64>,
+    attached: Vec<String>,
+    /// Holds the programs and their links: dropping it detaches everything.
+    _ebpf: Ebpf,
+}
+
+impl Capture {
+    /// Checks privileges and kernel features, loads and attaches every program, and seeds the
+    /// kernel with the sockets that were already open. Needs a tokio runtime.
+    pub fn start(config: &CaptureConfig) -> Result<Self, CaptureError> {
+        if !config.ring_bytes.is_power_of_two() || config.ring_bytes < 4096 {
+            return Err(CaptureError::BadRingSize { bytes: config.ring_bytes });
+        }
+        preflight::check_privileges()?;
+        preflight::ensure_tracefs()?;
+        let tracepoints: Vec<&str> =
+            ATTACHMENTS.iter().flat_map(|(_, tps)| tps.iter().copied()).collect();
+        preflight::check_syscall_tracepoints(&tracepoints)?;
+        preflight::raise_memlock_limit();
+
+        let self_tgid = std::process::id();
+        let mut ebpf = EbpfLoader::new()
+            .override_global("SELF_TGID", &self_tgid, true)
+            .map_max_entries("RECORDS", config.ring_bytes)
+            .load(EBPF_OBJECT)
+            .map_err(|source| CaptureError::Load { source })?;
+
+        let mut attached = Vec::new();
+        for (program_name, tracepoints) in ATTACHMENTS {
+            let program: &mut TracePoint = ebpf
+                .program_mut(program_name)
+                .ok_or_else(|| CaptureError::Missing { what: "program", name: (*program_name).into() })?
+                .try_into()
+                .map_err(|source| attach_error(program_name, "-", source))?;
+            program.load().map_err(|source| attach_error(program_name, "-", source))?;
+            for tracepoint in *tracepoints {
+                program
+                    .attach("syscalls", tracepoint)
+                    .map_err(|source| attach_error(program_name, tracepoint, source))?;
+                attached.push(format!("{program_name}@syscalls:{tracepoint}"));
+            }
+        }
+
+        // Attached first, seeded second: a socket opened in between is seen by the programs.
+        let mut conns: HashMap<_, ConnKey, ConnState> = HashMap::try_from(
+            ebpf.map_mut("CONNS").ok_or_else(|| missing_map("CONNS"))?,
+        )
+        .map_err(|source| CaptureError::Map { name: "CONNS", source })?;
+        let seeded = sockets::seed_existing_sockets(&mut conns, self_tgid);
+        tracing::info!(sockets = seeded, "seeded sockets that were open before attach");
+
+        let ring = RingBuf::try_from(ebpf.take_map("RECORDS").ok_or_else(|| missing_map("RECORDS"))?)
+            .map_err(|source| CaptureError::Map { name: "RECORDS", source })?;
+        let losses = PerCpuArray::try_from(ebpf.take_map("LOSSES").ok_or_else(|| missing_map("LOSSES"))?)
+            .map_err(|source| CaptureError::Map { name: "LOSSES", source })?;
+        // SAFETY: the ring buffer owns its map fd and lives inside the AsyncFd, so the fd stays
+        // open for as long as it is registered.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(|error| CaptureError::Poll(error.into()))?;
+        Ok(Self { ring, losses, attached, _ebpf: ebpf })
+    }
+
+    /// `program@syscalls:tracepoint` for every attachment.
+    pub fn attached(&self) -> &[String] {
+        &self.attached
+    }
+
+    /// Waits for records and appends every one that is ready. Malformed records are an error
+    /// for the caller to count; the rest of the batch is still delivered.
+    pub async fn next_batch(
+        &mut self,
+        out: &mut Vec<Record>,
+        bad: &mut Vec<CaptureError>,
+    ) -> Result<(), CaptureError> {
+        let mut guard = self.ring.readable_mut().await.map_err(CaptureError::Poll)?;
+        let ring = guard.get_inner_mut();
+        while let Some(item) = ring.next() {
+            match Record::parse(&item) {
+                Ok(record) => out.push(record),
+                Err(error) => bad.push(error),
+            }
+        }
+        guard.clear_ready();
+        Ok(())
+    }
+
+    /// Totals of the kernel's per-CPU loss counters.
+    pub fn kernel_losses(&self) -> Result<KernelLosses, CaptureError> {
+        let mut losses = KernelLosses::default();
+        for reason in LossReason::ALL {
+            let per_cpu = self
+                .losses
+                .get(&(reason as u32), 0)
+                .map_err(|source| CaptureError::Map { name: "LOSSES", source })?;
+            losses.counts[reason as usize] = per_cpu.iter().sum();
+        }
+        Ok(losses)
+    }
+}
+
+fn missing_map(name: &str) -> CaptureError {
+    CaptureError::Missing { what: "map", name: name.into() }
+}
+
+fn attach_error(program: &str, tracepoint: &str, source: aya::programs::ProgramError) -> CaptureError {
+    CaptureError::Attach { program: program.into(), tracepoint: tracepoint.into(), source }
+}

@@ -1,0 +1,138 @@
+//! Socket addresses of a connection, from `/proc/<pid>/fd` and `/proc/<pid>/net/*`.
+use std::{
+    fmt,
+    fs,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+};
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SocketAddrs {
+    Tcp { local: SocketAddr, peer: SocketAddr },
+    Unix { path: String },
+}
+
+impl SocketAddrs {
+    pub fn local_port(&self) -> Option<u16> {
+        match self {
+            SocketAddrs::Tcp { local, .. } => Some(local.port()),
+            SocketAddrs::Unix { .. } => None,
+        }
+    }
+
+    pub fn peer(&self) -> Option<SocketAddr> {
+        match self {
+            SocketAddrs::Tcp { peer, .. } => Some(*peer),
+            SocketAddrs::Unix { .. } => None,
+        }
+    }
+}
+
+impl fmt::Display for SocketAddrs {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SocketAddrs::Tcp { local, peer } => write!(f, "{local}->{peer}"),
+            SocketAddrs::Unix { path } if path.is_empty() => write!(f, "unix"),
+            SocketAddrs::Unix { path } => write!(f, "unix:{path}"),
+        }
+    }
+}
+
+/// Looks the socket up by its inode in the process's network namespace tables.
+pub fn resolve_socket(tgid: u32, fd: i32) -> Option<SocketAddrs> {
+    let link = fs::read_link(format!("/proc/{tgid}/fd/{fd}")).ok()?;
+    let inode: u64 = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()?;
+    for table in ["tcp", "tcp6"] {
+        if let Ok(text) = fs::read_to_string(format!("/proc/{tgid}/net/{table}")) {
+            if let Some(found) = find_tcp(&text, inode) {
+                return Some(found);
+            }
+        }
+    }
+    let text = fs::read_to_string(format!("/proc/{tgid}/net/unix")).ok()?;
+    find_unix(&text, inode)
+}
+
+/// Finds `inode` in the text of `/proc/net/tcp` or `/proc/net/tcp6`.
+fn find_tcp(table: &str, inode: u64) -> Option<SocketAddrs> {
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(9)?.parse::<u64>().ok()? != inode {
+            return None;
+        }
+        Some(SocketAddrs::Tcp { local: parse_hex_addr(fields.get(1)?)?, peer: parse_hex_addr(fields.get(2)?)? })
+    })
+}
+
+/// Finds `inode` in the text of `/proc/net/unix`; the path is that of the listening side.
+fn find_unix(table: &str, inode: u64) -> Option<SocketAddrs> {
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.get(6)?.parse::<u64>().ok()? != inode {
+            return None;
+        }
+        Some(SocketAddrs::Unix { path: fields.get(7).map(|p| (*p).to_owned()).unwrap_or_default() })
+    })
+}
+
+/// `0100007F:1F90` (IPv4, or 32 hex digits for IPv6, both in host-order 32-bit words).
+fn parse_hex_addr(text: &str) -> Option<SocketAddr> {
+    let (addr, port) = text.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let ip = match addr.len() {
+        8 => IpAddr::V4(Ipv4Addr::from(u32::from_str_radix(addr, 16).ok()?.to_le_bytes())),
+        32 => {
+            let mut bytes = [0u8; 16];
+            for (word, chunk) in bytes.chunks_mut(4).enumerate() {
+                let hex = addr.get(word * 8..word * 8 + 8)?;
+                chunk.copy_from_slice(&u32::from_str_radix(hex, 16).ok()?.to_le_bytes());
+            }
+            let v6 = Ipv6Addr::from(bytes);
+            v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TCP: &str = "  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 0100007F:18EB 00000000:0000 0A 00000000:00000000 00:00000000 00000000   100        0 25816 1 0000000000000000 100 0 0 10 0
+   1: 0100007F:18EB 0100007F:D4F2 01 00000000:00000000 00:00000000 00000000   100        0 31337 1 0000000000000000 20 4 30 10 -1
+";
+
+    #[test]
+    fn finds_tcp_connection_by_inode() {
+        let found = find_tcp(TCP, 31337).unwrap();
+        assert_eq!(
+            found,
+            SocketAddrs::Tcp { local: "127.0.0.1:6379".parse().unwrap(), peer: "127.0.0.1:54514".parse().unwrap() }
+        );
+        assert_eq!(find_tcp(TCP, 4242), None);
+    }
+
+    #[test]
+    fn parses_ipv6_and_mapped_ipv4() {
+        assert_eq!(
+            parse_hex_addr("00000000000000000000000001000000:18EB"),
+            Some("[::1]:6379".parse().unwrap())
+        );
+        assert_eq!(
+            parse_hex_addr("0000000000000000FFFF00000100007F:18EB"),
+            Some("127.0.0.1:6379".parse().unwrap())
+        );
+        assert_eq!(parse_hex_addr("zz:18EB"), None);
+    }
+
+    #[test]
+    fn finds_unix_socket_path() {
+        let table = "Num       RefCount Protocol Flags    Type St Inode Path
+0000000000000000: 00000002 00000000 00010000 0001 01 4242 /run/redis.sock
+0000000000000000: 00000003 00000000 00000000 0001 03 4243
+";
+        assert_eq!(find_unix(table, 4242), Some(SocketAddrs::Unix { path: "/run/redis.sock".into() }));
+        assert_eq!(find_unix(table, 4243), Some(SocketAddrs::Unix { path: String::new() }));
+    }
+}

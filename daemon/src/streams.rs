@@ -1,0 +1,144 @@
+//! Streams stage: turns kernel records into per-connection, per-direction byte streams.
+//!
+//! A connection is a (tgid, fd) pair *and* the time the kernel started tracking it, so a reused
+//! fd number never continues an old stream. Each connection is described once (socket
+//! addresses, process) when first seen; the decoder stage gets the chunks in ring order.
+use std::{collections::HashMap, sync::Arc};
+
+use bytes::Bytes;
+use respwatch_common::{Direction, Syscall};
+
+use crate::{
+    capture::{Chunk, ConnRef, Record},
+    enrich::{Process, ProcessCache},
+    sockets::{SocketAddrs, resolve_socket},
+};
+
+/// A connection's identity for the daemon's lifetime.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// What is known about a connection, resolved once when it is first seen.
+#[derive(Debug)]
+pub struct ConnMeta {
+    pub id: ConnId,
+    pub kernel: ConnRef,
+    pub process: Arc<Process>,
+    /// `None` when the process was gone before its socket could be looked up.
+    pub socket: Option<SocketAddrs>,
+}
+
+#[derive(Clone, Debug)]
+pub enum StreamEvent {
+    Data(StreamChunk),
+    /// The connection ended; `lost_*` bytes at the end of its streams never arrived.
+    Closed { conn: Arc<ConnMeta>, ts_ns: u64, lost_ingress: u64, lost_egress: u64 },
+}
+
+/// Bytes of one direction of one connection, in order.
+#[derive(Clone, Debug)]
+pub struct StreamChunk {
+    pub conn: Arc<ConnMeta>,
+    pub direction: Direction,
+    pub syscall: Syscall,
+    pub ts_ns: u64,
+    pub tid: u32,
+    /// The copied bytes; `uncopied` more bytes of the chunk follow them on the wire.
+    pub bytes: Bytes,
+    pub uncopied: u64,
+    /// Bytes lost (ring buffer full) just before this chunk.
+    pub gap_before: u64,
+}
+
+impl StreamChunk {
+    pub fn total_len(&self) -> u64 {
+        self.bytes.len() as u64 + self.uncopied
+    }
+}
+
+#[derive(Default)]
+pub struct Streams {
+    conns: HashMap<(u32, i32), Arc<ConnMeta>>,
+    processes: ProcessCache,
+    next_id: u64,
+}
+
+impl Streams {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn tracked(&self) -> usize {
+        self.conns.len()
+    }
+
+    pub fn accept(&mut self, record: Record, out: &mut Vec<StreamEvent>) {
+        match record {
+            Record::Data(chunk) => self.accept_chunk(chunk, out),
+            Record::Closed { conn, ts_ns, lost_ingress, lost_egress } => {
+                let key = (conn.tgid, conn.fd);
+                if self.conns.get(&key).is_some_and(|meta| meta.kernel.start_ns == conn.start_ns) {
+                    if let Some(meta) = self.conns.remove(&key) {
+                        out.push(StreamEvent::Closed { conn: meta, ts_ns, lost_ingress, lost_egress });
+                    }
+                }
+            }
+        }
+    }
+
+    fn accept_chunk(&mut self, chunk: Chunk, out: &mut Vec<StreamEvent>) {
+        let key = (chunk.conn.tgid, chunk.conn.fd);
+        let meta = match self.conns.get(&key) {
+            Some(meta) if meta.kernel.start_ns == chunk.conn.start_ns => Arc::clone(meta),
+            stale => {
+                // A new connection on this fd; an old one whose close was lost ends here.
+                if stale.is_some() {
+                    if let Some(old) = self.conns.remove(&key) {
+                        out.push(StreamEvent::Closed { conn: old, ts_ns: chunk.ts_ns, lost_ingress: 0, lost_egress: 0 });
+                    }
+                }
+                let meta = Arc::new(self.describe(&chunk));
+                self.conns.insert(key, Arc::clone(&meta));
+                meta
+            }
+        };
+        let uncopied = chunk.uncopied();
+        out.push(StreamEvent::Data(StreamChunk {
+            conn: meta,
+            direction: chunk.direction,
+            syscall: chunk.syscall,
+            ts_ns: chunk.ts_ns,
+            tid: chunk.tid,
+            bytes: chunk.bytes,
+            uncopied,
+            gap_before: chunk.gap_before,
+        }));
+    }
+
+    fn describe(&mut self, chunk: &Chunk) -> ConnMeta {
+        self.next_id += 1;
+        ConnMeta {
+            id: ConnId(self.next_id),
+            kernel: chunk.conn,
+            process: self.processes.get(chunk.conn.tgid, &chunk.comm, chunk.cgroup_id),
+            socket: resolve_socket(chunk.conn.tgid, chunk.conn.fd),
+        }
+    }
+
+    /// Ends the connections of processes that exited without closing them (exit closes fds
+    /// without a `close` syscall).
+    pub fn sweep_exited(&mut self, ts_ns: u64, out: &mut Vec<StreamEvent>) {
+        let gone: Vec<(u32, i32)> = self
+            .conns
+            .keys()
+            .filter(|(tgid, _)| !crate::enrich::process_alive(*tgid))
+            .copied()
+            .collect();
+        for key in gone {
+            if let Some(meta) = self.conns.remove(&key) {
+                out.push(StreamEvent::Closed { conn: meta, ts_ns, lost_ingress: 0, lost_egress: 0 });
+            }
+        }
+        self.processes.retain_alive();
+    }
+}

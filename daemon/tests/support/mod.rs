@@ -1,0 +1,219 @@
+//! Shared pieces of the eBPF integration tests: one capture pipeline per test process, real
+//! `redis-server` processes on free ports, and paths of the real clients the bootstrap installs.
+#![allow(dead_code, reason = "each test binary uses a different part of the support code")]
+
+use std::{
+    collections::BTreeMap,
+    net::TcpListener,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::{Arc, Mutex, OnceLock},
+    time::{Duration, Instant},
+};
+
+use respwatch_common::Direction;
+use respwatchd::{
+    capture::{Capture, CaptureConfig},
+    pipeline::{Pipeline, PipelineCounters},
+    streams::{ConnId, StreamChunk, StreamEvent},
+};
+
+/// Upper bound for any wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(30);
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The python with redis-py that the bootstrap script installs.
+pub fn python() -> PathBuf {
+    repo_root().join("target/test-env/venv/bin/python")
+}
+
+/// The node_modules folder with ioredis that the bootstrap script installs.
+pub fn node_modules() -> PathBuf {
+    repo_root().join("target/test-env/node/node_modules")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+}
+
+/// A real redis-server on a free loopback port, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    pub fn start(extra: &[&str]) -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (run scripts/bootstrap.sh)");
+        let server = Self { port, child };
+        let deadline = Instant::now() + WAIT;
+        while server.cli(&["PING"]).stdout != b"PONG\n" {
+            assert!(Instant::now() < deadline, "redis-server on {port} did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli")
+    }
+
+    /// `INFO <section>` as key → value.
+    pub fn info(&self, section: &str) -> BTreeMap<String, String> {
+        let out = self.cli(&["INFO", section]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| line.trim_end().split_once(':'))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    pub fn benchmark(&self, args: &[&str]) -> Output {
+        let out = Command::new("redis-benchmark")
+            .args(["-p", &self.port.to_string(), "-q"])
+            .args(args)
+            .output()
+            .expect("redis-benchmark");
+        assert!(out.status.success(), "redis-benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+        out
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Everything the capture pipeline saw, per connection.
+#[derive(Default)]
+pub struct Seen {
+    pub chunks: Vec<StreamChunk>,
+    pub closed: Vec<(ConnId, u64, u64)>,
+}
+
+pub struct Harness {
+    pub seen: Arc<Mutex<Seen>>,
+    pub counters: Arc<PipelineCounters>,
+}
+
+impl Harness {
+    /// The process-wide capture (eBPF loaded and attached once per test binary).
+    /// Heavy loads take turns: on two cores, concurrent benchmarks would test the machine, not
+    /// the capture.
+    pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+        static LOAD: Mutex<()> = Mutex::new(());
+        LOAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn get() -> &'static Harness {
+        static HARNESS: OnceLock<Harness> = OnceLock::new();
+        HARNESS.get_or_init(|| Harness::start(CaptureConfig::default()))
+    }
+
+    pub fn start(config: CaptureConfig) -> Harness {
+        // Reserved up front: growing a vector of millions of chunks would stall the consumer
+        // and overflow the ring, which is the test harness's cost, not the daemon's.
+        let seen = Arc::new(Mutex::new(Seen { chunks: Vec::with_capacity(6 << 20), closed: Vec::new() }));
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let sink = Arc::clone(&seen);
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            runtime.block_on(async move {
+                let capture = Capture::start(&config).expect("capture starts (tests run as root)");
+                let pipeline = Pipeline::new(capture);
+                let (_stop, stopped) = tokio::sync::watch::channel(false);
+                ready_tx.send(pipeline.counters()).expect("ready");
+                pipeline
+                    .run(stopped, move |event| {
+                        let mut seen = sink.lock().expect("lock");
+                        match event {
+                            StreamEvent::Data(chunk) => seen.chunks.push(chunk.clone()),
+                            StreamEvent::Closed { conn, lost_ingress, lost_egress, .. } => {
+                                seen.closed.push((conn.id, *lost_ingress, *lost_egress))
+                            }
+                        }
+                    })
+                    .await
+                    .expect("pipeline");
+            });
+        });
+        let counters = ready_rx.recv_timeout(WAIT).expect("capture started");
+        Harness { seen, counters }
+    }
+
+    /// Chunks of processes `pid`, grouped into per-connection, per-direction streams.
+    pub fn streams_of(&self, pid: u32) -> BTreeMap<(ConnId, u8), Vec<StreamChunk>> {
+        let seen = self.seen.lock().expect("lock");
+        let mut streams: BTreeMap<(ConnId, u8), Vec<StreamChunk>> = BTreeMap::new();
+        for chunk in seen.chunks.iter().filter(|c| c.conn.process.pid == pid) {
+            streams.entry((chunk.conn.id, chunk.direction as u8)).or_default().push(chunk.clone());
+        }
+        streams
+    }
+
+    pub fn chunks_of(&self, pid: u32) -> usize {
+        self.seen.lock().expect("lock").chunks.iter().filter(|c| c.conn.process.pid == pid).count()
+    }
+
+    /// Total bytes seen from process `pid` in `direction` (copied or not, plus reported losses).
+    pub fn bytes_of(&self, pid: u32, direction: Direction) -> u64 {
+        let seen = self.seen.lock().expect("lock");
+        seen.chunks
+            .iter()
+            .filter(|c| c.conn.process.pid == pid && c.direction == direction)
+            .map(|c| c.total_len() + c.gap_before)
+            .sum()
+    }
+
+    /// Waits until `done` holds, for at most [`WAIT`].
+    pub fn wait_for(&self, what: &str, mut done: impl FnMut(&Harness) -> bool) {
+        let deadline = Instant::now() + WAIT;
+        while !done(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+/// Reassembles a stream's copied bytes; uncopied stretches become `None` of their length.
+pub fn reassemble(chunks: &[StreamChunk]) -> Vec<(Vec<u8>, u64)> {
+    chunks.iter().map(|c| (c.bytes.to_vec(), c.uncopied)).collect()
+}
+
+/// Checks that the copied parts of `chunks`, at their stream offsets, equal `expected`, and
+/// that the lengths add up to exactly `expected.len()`.
+pub fn assert_stream_matches(chunks: &[StreamChunk], expected: &[u8], what: &str) {
+    let mut offset = 0usize;
+    let mut last_ts = 0;
+    for chunk in chunks {
+        assert!(chunk.ts_ns >= last_ts, "{what}: chunks out of order");
+        last_ts = chunk.ts_ns;
+        assert_eq!(chunk.gap_before, 0, "{what}: unexpected loss");
+        let copied = chunk.bytes.len();
+        let end = offset + copied;
+        assert!(end <= expected.len(), "{what}: stream longer than expected ({end} > {})", expected.len());
+        assert!(chunk.bytes[..] == expected[offset..end], "{what}: bytes differ at offset {offset}");
+        offset += chunk.total_len() as usize;
+    }
+    assert_eq!(offset, expected.len(), "{what}: captured length differs from what crossed the socket");
+}

@@ -1,0 +1,1 @@
+//! respwatch.v1
