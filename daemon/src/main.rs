@@ -1,11 +1,16 @@
 //! `respwatchd`: the respwatch node daemon.
-use std::{process::ExitCode, sync::atomic::Ordering};
+use std::{
+    net::SocketAddr, path::PathBuf, process::ExitCode, sync::atomic::Ordering, time::Duration,
+};
 
 use clap::Parser;
 use respwatch_common::LossReason;
 use respwatchd::{
     capture::{Capture, CaptureConfig},
-    pipeline::Pipeline,
+    enrich::Attributor,
+    event::KeyPolicy,
+    pipeline::{Pipeline, PipelineConfig},
+    serve::{ListenAddr, MetricLabels, ServeConfig, Servers, TlsFiles},
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -20,9 +25,45 @@ struct Args {
     /// Size of the kernel-to-user ring buffer in bytes (a power of two, at least 4096).
     #[arg(long, env = "RESPWATCH_RING_BYTES", default_value_t = 64 * 1024 * 1024)]
     ring_bytes: u32,
+    /// How much of each key name events keep: full, truncate:N, hash or off. Values are never
+    /// kept.
+    #[arg(long, env = "RESPWATCH_KEYS", default_value_t = KeyPolicy::default())]
+    keys: KeyPolicy,
+    /// Where the gRPC API listens: `host:port` or `unix:/path`. Beyond loopback, use TLS.
+    #[arg(long, env = "RESPWATCH_GRPC_LISTEN", default_value = "127.0.0.1:50051", value_parser = parse_listen)]
+    grpc_listen: ListenAddr,
+    /// Where Prometheus scrapes `/metrics`: `host:port`.
+    #[arg(long, env = "RESPWATCH_METRICS_LISTEN", default_value = "127.0.0.1:9464", value_parser = respwatchd::serve::resolve)]
+    metrics_listen: SocketAddr,
+    /// Labels of per-command metrics, from namespace,pod,container,pid,comm,role,command,peer.
+    /// Key names are never labels.
+    #[arg(long, env = "RESPWATCH_METRICS_LABELS", default_value_t = MetricLabels::default())]
+    metrics_labels: MetricLabels,
+    /// Seconds after which stats rows of exited processes that saw no traffic are forgotten.
+    #[arg(long, env = "RESPWATCH_EXPIRE_SECONDS", default_value_t = 300)]
+    expire_seconds: u64,
+    /// This node's name in API responses (the Kubernetes node name in a DaemonSet).
+    #[arg(long, env = "NODE_NAME", default_value_t = respwatchd::serve::hostname())]
+    node_name: String,
+    /// Matching events buffered per Watch subscriber before it gets loss notices instead.
+    #[arg(long, env = "RESPWATCH_WATCH_QUEUE", default_value_t = 4096)]
+    watch_queue: usize,
+    /// PEM certificate for TLS on the gRPC port (with --tls-key).
+    #[arg(long, env = "RESPWATCH_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key for TLS on the gRPC port (with --tls-cert).
+    #[arg(long, env = "RESPWATCH_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// PEM CA: when set, gRPC clients must present a certificate it signed.
+    #[arg(long, env = "RESPWATCH_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Log filter, e.g. `info` or `respwatchd=debug`.
     #[arg(long, env = "RESPWATCH_LOG", default_value = "info")]
     log: String,
+}
+
+fn parse_listen(text: &str) -> Result<ListenAddr, String> {
+    text.parse()
 }
 
 fn main() -> ExitCode {
@@ -34,8 +75,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build() {
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("respwatchd: cannot start the async runtime: {error}");
@@ -52,13 +100,44 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let capture = Capture::start(&CaptureConfig { ring_bytes: args.ring_bytes })?;
-    tracing::info!(programs = capture.attached().len(), "eBPF programs attached");
-    let pipeline = Pipeline::new(capture);
+    let capture = Capture::start(&CaptureConfig {
+        ring_bytes: args.ring_bytes,
+    })?;
+    tracing::info!(
+        programs = capture.attached().len(),
+        "eBPF programs attached"
+    );
+    // The broadcast each Watch subscriber task reads: deep enough for bursts on a busy node
+    // (each subscriber then filters into its own --watch-queue).
+    let config = PipelineConfig {
+        keys: args.keys,
+        subscriber_queue: 65_536,
+        ..PipelineConfig::default()
+    };
+    let pipeline = Pipeline::new(capture, config, Attributor::default());
+    let tls = match (args.tls_cert, args.tls_key) {
+        (Some(cert), Some(key)) => Some(TlsFiles {
+            cert,
+            key,
+            client_ca: args.tls_client_ca,
+        }),
+        _ => None,
+    };
+    let serve = ServeConfig {
+        grpc_listen: args.grpc_listen,
+        metrics_listen: args.metrics_listen,
+        node_name: args.node_name,
+        tls,
+        metric_labels: args.metrics_labels,
+        expire_after: Duration::from_secs(args.expire_seconds),
+        watch_queue: args.watch_queue,
+    };
+    let servers = Servers::start(pipeline.shared(), serve, pipeline.attached()).await?;
     let (stop, stopped) = watch::channel(false);
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let counters = pipeline.counters();
+    let shared = pipeline.shared();
+    let counters = &shared.counters;
     let task = tokio::spawn(pipeline.run(stopped, |_| {}));
     tracing::info!("respwatchd ready");
     tokio::select! {
@@ -66,6 +145,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
     }
     let _ = stop.send(true);
+    servers.shutdown().await?;
     // The pipeline owns the capture: when it returns, the programs are detached.
     task.await??;
     tracing::info!(

@@ -1,18 +1,24 @@
-//! Runs the stages in one task: capture → streams → decode/correlate → aggregate/broadcast.
-//! Kept in one task so per-connection order is never lost between stages.
+//! Runs the stages in one task: capture → streams → decode/correlate → enrich → aggregate and
+//! broadcast. One task, so per-connection order is never lost between stages; readers (gRPC,
+//! metrics) see the results through [`Shared`].
 use std::{
+    collections::VecDeque,
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
 };
 
 use respwatch_common::LOSS_REASONS;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::{
+    aggregate::{Aggregator, RowKey},
     capture::{Capture, CaptureError},
+    decode::{DecodeCounters, DecodeStage},
+    enrich::Attributor,
+    event::{CommandEvent, KeyPolicy},
     streams::{StreamEvent, Streams},
 };
 
@@ -31,29 +37,86 @@ pub struct PipelineCounters {
     pub tracked_connections: AtomicU64,
     /// The kernel's loss counters by [`respwatch_common::LossReason`], refreshed periodically.
     pub kernel_losses: [AtomicU64; LOSS_REASONS as usize],
+    pub events: AtomicU64,
+    pub desyncs: AtomicU64,
+    pub desync_bytes: AtomicU64,
+    pub pushes: AtomicU64,
+    pub unanswered: AtomicU64,
+    pub unmatched_replies: AtomicU64,
+}
+
+#[derive(Clone, Debug)]
+pub struct PipelineConfig {
+    pub keys: KeyPolicy,
+    /// Events kept for `Watch` requests that ask for recent history.
+    pub history: usize,
+    /// Capacity of each subscriber's queue before it gets a loss notice instead.
+    pub subscriber_queue: usize,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            keys: KeyPolicy::default(),
+            history: 10_000,
+            subscriber_queue: 16_384,
+        }
+    }
+}
+
+/// What the pipeline publishes, for the serving side.
+pub struct Shared {
+    pub counters: PipelineCounters,
+    pub aggregator: Mutex<Aggregator>,
+    pub history: Mutex<VecDeque<Arc<CommandEvent>>>,
+    pub events: broadcast::Sender<Arc<CommandEvent>>,
+    pub attributor: Attributor,
+    pub config: PipelineConfig,
+}
+
+impl Shared {
+    pub fn row_key(&self, event: &CommandEvent) -> RowKey {
+        self.attributor.row_key(event)
+    }
 }
 
 pub struct Pipeline {
     capture: Capture,
     streams: Streams,
-    counters: Arc<PipelineCounters>,
+    decode: DecodeStage,
+    shared: Arc<Shared>,
 }
 
 impl Pipeline {
-    pub fn new(capture: Capture) -> Self {
-        Self { capture, streams: Streams::new(), counters: Arc::default() }
+    pub fn new(capture: Capture, config: PipelineConfig, attributor: Attributor) -> Self {
+        let (events, _) = broadcast::channel(config.subscriber_queue);
+        let decode = DecodeStage::new(config.keys, realtime_offset_ns());
+        let shared = Arc::new(Shared {
+            counters: PipelineCounters::default(),
+            aggregator: Mutex::new(Aggregator::new()),
+            history: Mutex::new(VecDeque::with_capacity(config.history)),
+            events,
+            attributor,
+            config,
+        });
+        Self {
+            capture,
+            streams: Streams::new(),
+            decode,
+            shared,
+        }
     }
 
-    pub fn counters(&self) -> Arc<PipelineCounters> {
-        Arc::clone(&self.counters)
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
     }
 
-    pub fn capture(&self) -> &Capture {
-        &self.capture
+    pub fn attached(&self) -> Vec<String> {
+        self.capture.attached().to_vec()
     }
 
     /// Runs until `shutdown` turns true. `observe` sees every stream event before the later
-    /// stages do (tests and debugging use it; the daemon passes a no-op).
+    /// stages do (the capture tests use it; the daemon passes a no-op).
     pub async fn run(
         mut self,
         mut shutdown: watch::Receiver<bool>,
@@ -61,7 +124,8 @@ impl Pipeline {
     ) -> Result<(), CaptureError> {
         let mut records = Vec::with_capacity(1024);
         let mut malformed = Vec::new();
-        let mut events = Vec::with_capacity(1024);
+        let mut stream_events = Vec::with_capacity(1024);
+        let mut command_events = Vec::with_capacity(1024);
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tokio::select! {
@@ -71,56 +135,130 @@ impl Pipeline {
                     }
                 }
                 _ = sweep.tick() => {
-                    self.streams.sweep_exited(monotonic_ns(), &mut events);
+                    self.streams.sweep_exited(monotonic_ns(), &mut stream_events);
                     self.refresh_kernel_losses();
                 }
                 batch = self.capture.next_batch(&mut records, &mut malformed) => batch?,
             }
+            let counters = &self.shared.counters;
             for error in malformed.drain(..) {
-                self.counters.malformed_records.fetch_add(1, Ordering::Relaxed);
+                counters.malformed_records.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "dropped a ring buffer record");
             }
-            self.counters.records.fetch_add(records.len() as u64, Ordering::Relaxed);
+            counters
+                .records
+                .fetch_add(records.len() as u64, Ordering::Relaxed);
             for record in records.drain(..) {
-                self.streams.accept(record, &mut events);
+                self.streams.accept(record, &mut stream_events);
             }
-            for event in events.drain(..) {
-                self.count(&event);
+            for event in stream_events.drain(..) {
+                count_stream(counters, &event);
                 observe(&event);
+                self.decode.accept(&event, &mut command_events);
             }
-            self.counters.tracked_connections.store(self.streams.tracked() as u64, Ordering::Relaxed);
+            self.publish(&mut command_events);
+            counters
+                .tracked_connections
+                .store(self.streams.tracked() as u64, Ordering::Relaxed);
+            store_decode_counters(counters, &self.decode.counters);
+        }
+    }
+
+    fn publish(&self, events: &mut Vec<CommandEvent>) {
+        if events.is_empty() {
+            return;
+        }
+        let shared = &self.shared;
+        shared
+            .counters
+            .events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        let events: Vec<Arc<CommandEvent>> = events.drain(..).map(Arc::new).collect();
+        if let Ok(mut aggregator) = shared.aggregator.lock() {
+            for event in &events {
+                aggregator.record(shared.row_key(event), event);
+            }
+        }
+        if let Ok(mut history) = shared.history.lock() {
+            for event in &events {
+                if history.len() == shared.config.history {
+                    history.pop_front();
+                }
+                history.push_back(Arc::clone(event));
+            }
+        }
+        for event in events {
+            // No subscribers is fine; slow ones see `Lagged(n)` and report the loss.
+            let _ = shared.events.send(event);
         }
     }
 
     fn refresh_kernel_losses(&self) {
         match self.capture.kernel_losses() {
             Ok(losses) => {
-                for (counter, value) in self.counters.kernel_losses.iter().zip(losses.counts) {
+                for (counter, value) in self.shared.counters.kernel_losses.iter().zip(losses.counts)
+                {
                     counter.store(value, Ordering::Relaxed);
                 }
             }
             Err(error) => tracing::warn!(%error, "reading the kernel's loss counters"),
         }
     }
+}
 
-    fn count(&self, event: &StreamEvent) {
-        match event {
-            StreamEvent::Data(chunk) => {
-                self.counters.chunks.fetch_add(1, Ordering::Relaxed);
-                self.counters.bytes.fetch_add(chunk.total_len(), Ordering::Relaxed);
-                self.counters.lost_bytes.fetch_add(chunk.gap_before, Ordering::Relaxed);
-            }
-            StreamEvent::Closed { lost_ingress, lost_egress, .. } => {
-                self.counters.lost_bytes.fetch_add(lost_ingress + lost_egress, Ordering::Relaxed);
-            }
+fn count_stream(counters: &PipelineCounters, event: &StreamEvent) {
+    match event {
+        StreamEvent::Data(chunk) => {
+            counters.chunks.fetch_add(1, Ordering::Relaxed);
+            counters
+                .bytes
+                .fetch_add(chunk.total_len(), Ordering::Relaxed);
+            counters
+                .lost_bytes
+                .fetch_add(chunk.gap_before, Ordering::Relaxed);
+        }
+        StreamEvent::Closed {
+            lost_ingress,
+            lost_egress,
+            ..
+        } => {
+            counters
+                .lost_bytes
+                .fetch_add(lost_ingress + lost_egress, Ordering::Relaxed);
         }
     }
 }
 
+fn store_decode_counters(counters: &PipelineCounters, decode: &DecodeCounters) {
+    counters.desyncs.store(decode.desyncs, Ordering::Relaxed);
+    counters
+        .desync_bytes
+        .store(decode.desync_bytes, Ordering::Relaxed);
+    counters.pushes.store(decode.pushes, Ordering::Relaxed);
+    counters
+        .unanswered
+        .store(decode.unanswered, Ordering::Relaxed);
+    counters
+        .unmatched_replies
+        .store(decode.unmatched_replies, Ordering::Relaxed);
+}
+
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.
 pub fn monotonic_ns() -> u64 {
-    let mut now = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+fn clock_ns(clock: libc::clockid_t) -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: valid pointer to a timespec.
-    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    unsafe { libc::clock_gettime(clock, &mut now) };
     now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// Wall clock minus monotonic clock, to date kernel timestamps.
+fn realtime_offset_ns() -> i128 {
+    clock_ns(libc::CLOCK_REALTIME) as i128 - monotonic_ns() as i128
 }

@@ -1,9 +1,10 @@
 //! Socket addresses of a connection, from `/proc/<pid>/fd` and `/proc/<pid>/net/*`.
 use std::{
-    fmt,
-    fs,
+    fmt, fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
+
+use respwatch_common::PeerAddr;
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum SocketAddrs {
@@ -12,9 +13,10 @@ pub enum SocketAddrs {
 }
 
 impl SocketAddrs {
+    /// `None` when unknown (Unix sockets; a connection gone before `/proc` could show it).
     pub fn local_port(&self) -> Option<u16> {
         match self {
-            SocketAddrs::Tcp { local, .. } => Some(local.port()),
+            SocketAddrs::Tcp { local, .. } => Some(local.port()).filter(|port| *port != 0),
             SocketAddrs::Unix { .. } => None,
         }
     }
@@ -37,15 +39,65 @@ impl fmt::Display for SocketAddrs {
     }
 }
 
+/// The connection's addresses. The peer the kernel saw at connect/accept is authoritative; the
+/// local address comes from `/proc`, and only when `/proc` still shows that same peer on this
+/// fd (by the time the daemon looks, the fd may already be a newer connection).
+pub fn resolve_socket(tgid: u32, fd: i32, kernel_peer: &PeerAddr) -> Option<SocketAddrs> {
+    let from_proc = lookup_proc(tgid, fd);
+    let Some(peer) = peer_addr(kernel_peer) else {
+        return from_proc;
+    };
+    let local = match from_proc {
+        Some(SocketAddrs::Tcp { local, peer: seen }) if same_endpoint(seen, peer) => local,
+        _ => SocketAddr::new(unspecified_like(peer.ip()), 0),
+    };
+    Some(SocketAddrs::Tcp { local, peer })
+}
+
+fn peer_addr(peer: &PeerAddr) -> Option<SocketAddr> {
+    let ip = match peer.family {
+        PeerAddr::AF_INET => IpAddr::V4(Ipv4Addr::new(
+            peer.addr[0],
+            peer.addr[1],
+            peer.addr[2],
+            peer.addr[3],
+        )),
+        PeerAddr::AF_INET6 => {
+            let v6 = Ipv6Addr::from(peer.addr);
+            v6.to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6))
+        }
+        _ => return None,
+    };
+    Some(SocketAddr::new(ip, peer.port))
+}
+
+fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_loopback() && b.ip().is_loopback())
+}
+
+fn unspecified_like(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
+    }
+}
+
 /// Looks the socket up by its inode in the process's network namespace tables.
-pub fn resolve_socket(tgid: u32, fd: i32) -> Option<SocketAddrs> {
+fn lookup_proc(tgid: u32, fd: i32) -> Option<SocketAddrs> {
     let link = fs::read_link(format!("/proc/{tgid}/fd/{fd}")).ok()?;
-    let inode: u64 = link.to_str()?.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()?;
+    let inode: u64 = link
+        .to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()?;
     for table in ["tcp", "tcp6"] {
-        if let Ok(text) = fs::read_to_string(format!("/proc/{tgid}/net/{table}")) {
-            if let Some(found) = find_tcp(&text, inode) {
-                return Some(found);
-            }
+        if let Ok(text) = fs::read_to_string(format!("/proc/{tgid}/net/{table}"))
+            && let Some(found) = find_tcp(&text, inode)
+        {
+            return Some(found);
         }
     }
     let text = fs::read_to_string(format!("/proc/{tgid}/net/unix")).ok()?;
@@ -59,7 +111,10 @@ fn find_tcp(table: &str, inode: u64) -> Option<SocketAddrs> {
         if fields.get(9)?.parse::<u64>().ok()? != inode {
             return None;
         }
-        Some(SocketAddrs::Tcp { local: parse_hex_addr(fields.get(1)?)?, peer: parse_hex_addr(fields.get(2)?)? })
+        Some(SocketAddrs::Tcp {
+            local: parse_hex_addr(fields.get(1)?)?,
+            peer: parse_hex_addr(fields.get(2)?)?,
+        })
     })
 }
 
@@ -70,7 +125,9 @@ fn find_unix(table: &str, inode: u64) -> Option<SocketAddrs> {
         if fields.get(6)?.parse::<u64>().ok()? != inode {
             return None;
         }
-        Some(SocketAddrs::Unix { path: fields.get(7).map(|p| (*p).to_owned()).unwrap_or_default() })
+        Some(SocketAddrs::Unix {
+            path: fields.get(7).map(|p| (*p).to_owned()).unwrap_or_default(),
+        })
     })
 }
 
@@ -79,7 +136,9 @@ fn parse_hex_addr(text: &str) -> Option<SocketAddr> {
     let (addr, port) = text.split_once(':')?;
     let port = u16::from_str_radix(port, 16).ok()?;
     let ip = match addr.len() {
-        8 => IpAddr::V4(Ipv4Addr::from(u32::from_str_radix(addr, 16).ok()?.to_le_bytes())),
+        8 => IpAddr::V4(Ipv4Addr::from(
+            u32::from_str_radix(addr, 16).ok()?.to_le_bytes(),
+        )),
         32 => {
             let mut bytes = [0u8; 16];
             for (word, chunk) in bytes.chunks_mut(4).enumerate() {
@@ -87,7 +146,9 @@ fn parse_hex_addr(text: &str) -> Option<SocketAddr> {
                 chunk.copy_from_slice(&u32::from_str_radix(hex, 16).ok()?.to_le_bytes());
             }
             let v6 = Ipv6Addr::from(bytes);
-            v6.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(v6))
+            v6.to_ipv4_mapped()
+                .map(IpAddr::V4)
+                .unwrap_or(IpAddr::V6(v6))
         }
         _ => return None,
     };
@@ -108,9 +169,27 @@ mod tests {
         let found = find_tcp(TCP, 31337).unwrap();
         assert_eq!(
             found,
-            SocketAddrs::Tcp { local: "127.0.0.1:6379".parse().unwrap(), peer: "127.0.0.1:54514".parse().unwrap() }
+            SocketAddrs::Tcp {
+                local: "127.0.0.1:6379".parse().unwrap(),
+                peer: "127.0.0.1:54514".parse().unwrap()
+            }
         );
         assert_eq!(find_tcp(TCP, 4242), None);
+    }
+
+    #[test]
+    fn kernel_peer_wins_over_a_reused_fd() {
+        let peer = PeerAddr {
+            family: PeerAddr::AF_INET,
+            port: 6379,
+            addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        assert_eq!(peer_addr(&peer), Some("127.0.0.1:6379".parse().unwrap()));
+        // No such process: the peer still stands, the local side is unknown.
+        let resolved = resolve_socket(u32::MAX, 3, &peer).unwrap();
+        assert_eq!(resolved.peer(), Some("127.0.0.1:6379".parse().unwrap()));
+        assert_eq!(resolved.local_port(), None);
+        assert_eq!(peer_addr(&PeerAddr::UNKNOWN), None);
     }
 
     #[test]
@@ -132,7 +211,17 @@ mod tests {
 0000000000000000: 00000002 00000000 00010000 0001 01 4242 /run/redis.sock
 0000000000000000: 00000003 00000000 00000000 0001 03 4243
 ";
-        assert_eq!(find_unix(table, 4242), Some(SocketAddrs::Unix { path: "/run/redis.sock".into() }));
-        assert_eq!(find_unix(table, 4243), Some(SocketAddrs::Unix { path: String::new() }));
+        assert_eq!(
+            find_unix(table, 4242),
+            Some(SocketAddrs::Unix {
+                path: "/run/redis.sock".into()
+            })
+        );
+        assert_eq!(
+            find_unix(table, 4243),
+            Some(SocketAddrs::Unix {
+                path: String::new()
+            })
+        );
     }
 }

@@ -32,7 +32,12 @@ pub struct ConnMeta {
 pub enum StreamEvent {
     Data(StreamChunk),
     /// The connection ended; `lost_*` bytes at the end of its streams never arrived.
-    Closed { conn: Arc<ConnMeta>, ts_ns: u64, lost_ingress: u64, lost_egress: u64 },
+    Closed {
+        conn: Arc<ConnMeta>,
+        ts_ns: u64,
+        lost_ingress: u64,
+        lost_egress: u64,
+    },
 }
 
 /// Bytes of one direction of one connection, in order.
@@ -75,12 +80,25 @@ impl Streams {
     pub fn accept(&mut self, record: Record, out: &mut Vec<StreamEvent>) {
         match record {
             Record::Data(chunk) => self.accept_chunk(chunk, out),
-            Record::Closed { conn, ts_ns, lost_ingress, lost_egress } => {
+            Record::Closed {
+                conn,
+                ts_ns,
+                lost_ingress,
+                lost_egress,
+            } => {
                 let key = (conn.tgid, conn.fd);
-                if self.conns.get(&key).is_some_and(|meta| meta.kernel.start_ns == conn.start_ns) {
-                    if let Some(meta) = self.conns.remove(&key) {
-                        out.push(StreamEvent::Closed { conn: meta, ts_ns, lost_ingress, lost_egress });
-                    }
+                if self
+                    .conns
+                    .get(&key)
+                    .is_some_and(|meta| meta.kernel.start_ns == conn.start_ns)
+                    && let Some(meta) = self.conns.remove(&key)
+                {
+                    out.push(StreamEvent::Closed {
+                        conn: meta,
+                        ts_ns,
+                        lost_ingress,
+                        lost_egress,
+                    });
                 }
             }
         }
@@ -92,10 +110,15 @@ impl Streams {
             Some(meta) if meta.kernel.start_ns == chunk.conn.start_ns => Arc::clone(meta),
             stale => {
                 // A new connection on this fd; an old one whose close was lost ends here.
-                if stale.is_some() {
-                    if let Some(old) = self.conns.remove(&key) {
-                        out.push(StreamEvent::Closed { conn: old, ts_ns: chunk.ts_ns, lost_ingress: 0, lost_egress: 0 });
-                    }
+                if stale.is_some()
+                    && let Some(old) = self.conns.remove(&key)
+                {
+                    out.push(StreamEvent::Closed {
+                        conn: old,
+                        ts_ns: chunk.ts_ns,
+                        lost_ingress: 0,
+                        lost_egress: 0,
+                    });
                 }
                 let meta = Arc::new(self.describe(&chunk));
                 self.conns.insert(key, Arc::clone(&meta));
@@ -120,8 +143,10 @@ impl Streams {
         ConnMeta {
             id: ConnId(self.next_id),
             kernel: chunk.conn,
-            process: self.processes.get(chunk.conn.tgid, &chunk.comm, chunk.cgroup_id),
-            socket: resolve_socket(chunk.conn.tgid, chunk.conn.fd),
+            process: self
+                .processes
+                .get(chunk.conn.tgid, &chunk.comm, chunk.cgroup_id),
+            socket: resolve_socket(chunk.conn.tgid, chunk.conn.fd, &chunk.peer),
         }
     }
 
@@ -136,7 +161,12 @@ impl Streams {
             .collect();
         for key in gone {
             if let Some(meta) = self.conns.remove(&key) {
-                out.push(StreamEvent::Closed { conn: meta, ts_ns, lost_ingress: 0, lost_egress: 0 });
+                out.push(StreamEvent::Closed {
+                    conn: meta,
+                    ts_ns,
+                    lost_ingress: 0,
+                    lost_egress: 0,
+                });
             }
         }
         self.processes.retain_alive();

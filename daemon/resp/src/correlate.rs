@@ -490,7 +490,12 @@ impl Correlator {
                 let requests_dir = if frame.kind == Kind::Inline {
                     (frame.len > 0).then_some(dir)
                 } else if frame.is_command() {
-                    None
+                    // Both sides send arrays of bulk strings (LRANGE, CONFIG GET replies): the
+                    // side that spoke first asked. A conversation starts with a request.
+                    self.undecided
+                        .front()
+                        .map(|(first, _, _)| *first)
+                        .filter(|first| *first != dir)
                 } else {
                     Some(match dir {
                         Direction::Ingress => Direction::Egress,

@@ -45,7 +45,15 @@ const ATTACHMENTS: &[(&str, &[&str])] = &[
         ],
     ),
     ("sys_enter_close", &["sys_enter_close"]),
-    ("sys_exit_new_socket", &["sys_exit_socket", "sys_exit_accept", "sys_exit_accept4"]),
+    (
+        "sys_enter_accept",
+        &["sys_enter_accept", "sys_enter_accept4"],
+    ),
+    ("sys_enter_connect", &["sys_enter_connect"]),
+    (
+        "sys_exit_new_socket",
+        &["sys_exit_socket", "sys_exit_accept", "sys_exit_accept4"],
+    ),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -60,9 +68,7 @@ pub enum CaptureError {
          `mount -t tracefs tracefs {TRACEFS}` (in a container: mount the host's {TRACEFS})"
     )]
     Tracefs { source: std::io::Error },
-    #[error(
-        "the kernel has no syscall tracepoints {missing:?} (it needs CONFIG_FTRACE_SYSCALLS)"
-    )]
+    #[error("the kernel has no syscall tracepoints {missing:?} (it needs CONFIG_FTRACE_SYSCALLS)")]
     MissingTracepoints { missing: Vec<String> },
     #[error("ring buffer size {bytes} must be a power of two and at least 4096 bytes")]
     BadRingSize { bytes: u32 },
@@ -72,7 +78,7 @@ pub enum CaptureError {
     )]
     Load {
         #[source]
-        source: aya::EbpfError,
+        source: Box<aya::EbpfError>,
     },
     #[error("the eBPF object has no {what} named {name}")]
     Missing { what: &'static str, name: String },
@@ -81,13 +87,13 @@ pub enum CaptureError {
         program: String,
         tracepoint: String,
         #[source]
-        source: aya::programs::ProgramError,
+        source: Box<aya::programs::ProgramError>,
     },
     #[error("eBPF map {name}: {source}")]
     Map {
         name: &'static str,
         #[source]
-        source: aya::maps::MapError,
+        source: Box<aya::maps::MapError>,
     },
     #[error("reading {what}: {source}")]
     Proc {
@@ -109,7 +115,9 @@ pub struct CaptureConfig {
 
 impl Default for CaptureConfig {
     fn default() -> Self {
-        Self { ring_bytes: 64 * 1024 * 1024 }
+        Self {
+            ring_bytes: 64 * 1024 * 1024,
+        }
     }
 }
 
@@ -138,12 +146,16 @@ impl Capture {
     /// kernel with the sockets that were already open. Needs a tokio runtime.
     pub fn start(config: &CaptureConfig) -> Result<Self, CaptureError> {
         if !config.ring_bytes.is_power_of_two() || config.ring_bytes < 4096 {
-            return Err(CaptureError::BadRingSize { bytes: config.ring_bytes });
+            return Err(CaptureError::BadRingSize {
+                bytes: config.ring_bytes,
+            });
         }
         preflight::check_privileges()?;
         preflight::ensure_tracefs()?;
-        let tracepoints: Vec<&str> =
-            ATTACHMENTS.iter().flat_map(|(_, tps)| tps.iter().copied()).collect();
+        let tracepoints: Vec<&str> = ATTACHMENTS
+            .iter()
+            .flat_map(|(_, tps)| tps.iter().copied())
+            .collect();
         preflight::check_syscall_tracepoints(&tracepoints)?;
         preflight::raise_memlock_limit();
 
@@ -152,16 +164,23 @@ impl Capture {
             .override_global("SELF_TGID", &self_tgid, true)
             .map_max_entries("RECORDS", config.ring_bytes)
             .load(EBPF_OBJECT)
-            .map_err(|source| CaptureError::Load { source })?;
+            .map_err(|source| CaptureError::Load {
+                source: Box::new(source),
+            })?;
 
         let mut attached = Vec::new();
         for (program_name, tracepoints) in ATTACHMENTS {
             let program: &mut TracePoint = ebpf
                 .program_mut(program_name)
-                .ok_or_else(|| CaptureError::Missing { what: "program", name: (*program_name).into() })?
+                .ok_or_else(|| CaptureError::Missing {
+                    what: "program",
+                    name: (*program_name).into(),
+                })?
                 .try_into()
                 .map_err(|source| attach_error(program_name, "-", source))?;
-            program.load().map_err(|source| attach_error(program_name, "-", source))?;
+            program
+                .load()
+                .map_err(|source| attach_error(program_name, "-", source))?;
             for tracepoint in *tracepoints {
                 program
                     .attach("syscalls", tracepoint)
@@ -174,19 +193,42 @@ impl Capture {
         let mut conns: HashMap<_, ConnKey, ConnState> = HashMap::try_from(
             ebpf.map_mut("CONNS").ok_or_else(|| missing_map("CONNS"))?,
         )
-        .map_err(|source| CaptureError::Map { name: "CONNS", source })?;
+        .map_err(|source| CaptureError::Map {
+            name: "CONNS",
+            source: Box::new(source),
+        })?;
         let seeded = sockets::seed_existing_sockets(&mut conns, self_tgid);
-        tracing::info!(sockets = seeded, "seeded sockets that were open before attach");
+        tracing::info!(
+            sockets = seeded,
+            "seeded sockets that were open before attach"
+        );
 
-        let ring = RingBuf::try_from(ebpf.take_map("RECORDS").ok_or_else(|| missing_map("RECORDS"))?)
-            .map_err(|source| CaptureError::Map { name: "RECORDS", source })?;
-        let losses = PerCpuArray::try_from(ebpf.take_map("LOSSES").ok_or_else(|| missing_map("LOSSES"))?)
-            .map_err(|source| CaptureError::Map { name: "LOSSES", source })?;
+        let ring = RingBuf::try_from(
+            ebpf.take_map("RECORDS")
+                .ok_or_else(|| missing_map("RECORDS"))?,
+        )
+        .map_err(|source| CaptureError::Map {
+            name: "RECORDS",
+            source: Box::new(source),
+        })?;
+        let losses = PerCpuArray::try_from(
+            ebpf.take_map("LOSSES")
+                .ok_or_else(|| missing_map("LOSSES"))?,
+        )
+        .map_err(|source| CaptureError::Map {
+            name: "LOSSES",
+            source: Box::new(source),
+        })?;
         // SAFETY: the ring buffer owns its map fd and lives inside the AsyncFd, so the fd stays
         // open for as long as it is registered.
         let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
             .map_err(|error| CaptureError::Poll(error.into()))?;
-        Ok(Self { ring, losses, attached, _ebpf: ebpf })
+        Ok(Self {
+            ring,
+            losses,
+            attached,
+            _ebpf: ebpf,
+        })
     }
 
     /// `program@syscalls:tracepoint` for every attachment.
@@ -217,10 +259,13 @@ impl Capture {
     pub fn kernel_losses(&self) -> Result<KernelLosses, CaptureError> {
         let mut losses = KernelLosses::default();
         for reason in LossReason::ALL {
-            let per_cpu = self
-                .losses
-                .get(&(reason as u32), 0)
-                .map_err(|source| CaptureError::Map { name: "LOSSES", source })?;
+            let per_cpu =
+                self.losses
+                    .get(&(reason as u32), 0)
+                    .map_err(|source| CaptureError::Map {
+                        name: "LOSSES",
+                        source: Box::new(source),
+                    })?;
             losses.counts[reason as usize] = per_cpu.iter().sum();
         }
         Ok(losses)
@@ -228,9 +273,20 @@ impl Capture {
 }
 
 fn missing_map(name: &str) -> CaptureError {
-    CaptureError::Missing { what: "map", name: name.into() }
+    CaptureError::Missing {
+        what: "map",
+        name: name.into(),
+    }
 }
 
-fn attach_error(program: &str, tracepoint: &str, source: aya::programs::ProgramError) -> CaptureError {
-    CaptureError::Attach { program: program.into(), tracepoint: tracepoint.into(), source }
+fn attach_error(
+    program: &str,
+    tracepoint: &str,
+    source: aya::programs::ProgramError,
+) -> CaptureError {
+    CaptureError::Attach {
+        program: program.into(),
+        tracepoint: tracepoint.into(),
+        source: Box::new(source),
+    }
 }

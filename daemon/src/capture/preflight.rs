@@ -13,8 +13,11 @@ const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
 pub fn check_privileges() -> Result<(), CaptureError> {
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|source| CaptureError::Proc { what: "/proc/self/status", source })?;
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(|source| CaptureError::Proc {
+            what: "/proc/self/status",
+            source,
+        })?;
     let effective = status
         .lines()
         .find_map(|line| line.strip_prefix("CapEff:"))
@@ -50,9 +53,19 @@ fn mount_tracefs() -> std::io::Result<()> {
     let fstype = c"tracefs";
     // SAFETY: NUL-terminated constant strings; no data argument.
     let rc = unsafe {
-        libc::mount(fstype.as_ptr(), target.as_ptr(), fstype.as_ptr(), 0, std::ptr::null())
+        libc::mount(
+            fstype.as_ptr(),
+            target.as_ptr(),
+            fstype.as_ptr(),
+            0,
+            std::ptr::null(),
+        )
     };
-    if rc == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 /// The tracepoints every capture depends on; a kernel without `CONFIG_FTRACE_SYSCALLS` lacks them.
@@ -73,7 +86,10 @@ pub fn check_syscall_tracepoints(tracepoints: &[&str]) -> Result<(), CaptureErro
 /// Before Linux 5.11 BPF memory counts against RLIMIT_MEMLOCK. Raising it is best effort: later
 /// kernels charge the memory cgroup instead, and some sandboxes forbid raising it at all.
 pub fn raise_memlock_limit() {
-    let unlimited = libc::rlimit { rlim_cur: libc::RLIM_INFINITY, rlim_max: libc::RLIM_INFINITY };
+    let unlimited = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
     // SAFETY: a valid rlimit struct passed by reference.
     if unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &unlimited) } != 0 {
         tracing::debug!(

@@ -1,6 +1,6 @@
 //! Typed view of the kernel's ring buffer records.
 use bytes::Bytes;
-use respwatch_common::{Direction, RecordHeader, Syscall, record_flags, record_kind};
+use respwatch_common::{Direction, PeerAddr, RecordHeader, Syscall, record_flags, record_kind};
 
 use super::CaptureError;
 
@@ -30,6 +30,8 @@ pub struct Chunk {
     pub gap_before: u64,
     pub first: bool,
     pub comm: [u8; 16],
+    /// The remote end from connect/accept; `family == 0` when the socket predates the daemon.
+    pub peer: PeerAddr,
 }
 
 impl Chunk {
@@ -43,19 +45,31 @@ impl Chunk {
 pub enum Record {
     Data(Chunk),
     /// The connection ended; bytes lost at the end of each stream are reported here.
-    Closed { conn: ConnRef, ts_ns: u64, lost_ingress: u64, lost_egress: u64 },
+    Closed {
+        conn: ConnRef,
+        ts_ns: u64,
+        lost_ingress: u64,
+        lost_egress: u64,
+    },
 }
 
 impl Record {
     pub fn parse(raw: &[u8]) -> Result<Self, CaptureError> {
         let header_len = size_of::<RecordHeader>();
         if raw.len() < header_len {
-            return Err(CaptureError::BadRecord { len: raw.len(), why: "shorter than its header" });
+            return Err(CaptureError::BadRecord {
+                len: raw.len(),
+                why: "shorter than its header",
+            });
         }
         // SAFETY: `RecordHeader` is plain `repr(C)` integers; the length was checked and the
         // read is unaligned-safe.
         let header: RecordHeader = unsafe { std::ptr::read_unaligned(raw.as_ptr().cast()) };
-        let conn = ConnRef { tgid: header.tgid, fd: header.fd, start_ns: header.conn_start_ns };
+        let conn = ConnRef {
+            tgid: header.tgid,
+            fd: header.fd,
+            start_ns: header.conn_start_ns,
+        };
         match header.kind {
             record_kind::CLOSE => Ok(Record::Closed {
                 conn,
@@ -65,11 +79,16 @@ impl Record {
             }),
             record_kind::DATA => {
                 let copied = header.copied_len as usize;
-                let data = raw
-                    .get(header_len..header_len + copied)
-                    .ok_or(CaptureError::BadRecord { len: raw.len(), why: "data past its end" })?;
-                let syscall = Syscall::from_u8(header.syscall)
-                    .ok_or(CaptureError::BadRecord { len: raw.len(), why: "unknown syscall" })?;
+                let data =
+                    raw.get(header_len..header_len + copied)
+                        .ok_or(CaptureError::BadRecord {
+                            len: raw.len(),
+                            why: "data past its end",
+                        })?;
+                let syscall = Syscall::from_u8(header.syscall).ok_or(CaptureError::BadRecord {
+                    len: raw.len(),
+                    why: "unknown syscall",
+                })?;
                 Ok(Record::Data(Chunk {
                     conn,
                     tid: header.tid,
@@ -82,9 +101,13 @@ impl Record {
                     gap_before: header.gap_before,
                     first: header.flags & record_flags::FIRST != 0,
                     comm: header.comm,
+                    peer: header.peer,
                 }))
             }
-            _ => Err(CaptureError::BadRecord { len: raw.len(), why: "unknown kind" }),
+            _ => Err(CaptureError::BadRecord {
+                len: raw.len(),
+                why: "unknown kind",
+            }),
         }
     }
 }

@@ -63,6 +63,30 @@ fn role_waits_while_both_sides_look_like_commands() {
 }
 
 #[test]
+fn command_shaped_replies_decide_by_who_spoke_first() {
+    // LRANGE's reply is an array of bulk strings too; the request came first.
+    let lrange: &[u8] = b"*4\r\n$6\r\nLRANGE\r\n$1\r\nl\r\n$1\r\n0\r\n$1\r\n1\r\n";
+    let reply: &[u8] = b"*2\r\n$3\r\nxxx\r\n$3\r\nyyy\r\n";
+    let (server, out) = run(&[(Ingress, lrange), (Egress, reply)]);
+    assert_eq!(server.role(), Some(Role::Server));
+    assert_eq!(summary(&out), vec![s("lrange", Outcome::Ok, true)]);
+    let (client, out) = run(&[
+        (Egress, lrange),
+        (Ingress, reply),
+        (Egress, lrange),
+        (Ingress, reply),
+    ]);
+    assert_eq!(client.role(), Some(Role::Client));
+    assert_eq!(
+        summary(&out),
+        vec![
+            s("lrange", Outcome::Ok, true),
+            s("lrange", Outcome::Ok, true)
+        ]
+    );
+}
+
+#[test]
 fn pipelining_pairs_in_order() {
     let (_, out) = run(&[
         (Ingress, b"*3\r\n$3\r\nSET\r\n$1\r\na\r\n$1\r\n1\r\n*2\r\n$4\r\nINCR\r\n$1\r\na\r\n*2\r\n$5\r\nLPUSH\r\n$1\r\na\r\n"),

@@ -1,6 +1,9 @@
 //! Shared pieces of the eBPF integration tests: one capture pipeline per test process, real
 //! `redis-server` processes on free ports, and paths of the real clients the bootstrap installs.
-#![allow(dead_code, reason = "each test binary uses a different part of the support code")]
+#![allow(
+    dead_code,
+    reason = "each test binary uses a different part of the support code"
+)]
 
 use std::{
     collections::BTreeMap,
@@ -14,7 +17,8 @@ use std::{
 use respwatch_common::Direction;
 use respwatchd::{
     capture::{Capture, CaptureConfig},
-    pipeline::{Pipeline, PipelineCounters},
+    enrich::Attributor,
+    pipeline::{Pipeline, PipelineConfig, Shared},
     streams::{ConnId, StreamChunk, StreamEvent},
 };
 
@@ -36,7 +40,10 @@ pub fn node_modules() -> PathBuf {
 }
 
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
 }
 
 /// A real redis-server on a free loopback port, killed on drop.
@@ -49,8 +56,24 @@ impl RedisServer {
     pub fn start(extra: &[&str]) -> Self {
         let port = free_port();
         let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
-            .args(["--daemonize", "no", "--protected-mode", "no", "--loglevel", "warning"])
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args([
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+            ])
             .args(extra)
             .stdout(Stdio::null())
             .spawn()
@@ -58,7 +81,10 @@ impl RedisServer {
         let server = Self { port, child };
         let deadline = Instant::now() + WAIT;
         while server.cli(&["PING"]).stdout != b"PONG\n" {
-            assert!(Instant::now() < deadline, "redis-server on {port} did not start");
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} did not start"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
         server
@@ -76,9 +102,11 @@ impl RedisServer {
             .expect("redis-cli")
     }
 
-    /// `INFO <section>` as key → value.
-    pub fn info(&self, section: &str) -> BTreeMap<String, String> {
-        let out = self.cli(&["INFO", section]);
+    /// `INFO <sections…>` as key → value.
+    pub fn info(&self, sections: &str) -> BTreeMap<String, String> {
+        let mut args = vec!["INFO"];
+        args.extend(sections.split_whitespace());
+        let out = self.cli(&args);
         String::from_utf8_lossy(&out.stdout)
             .lines()
             .filter_map(|line| line.trim_end().split_once(':'))
@@ -92,7 +120,11 @@ impl RedisServer {
             .args(args)
             .output()
             .expect("redis-benchmark");
-        assert!(out.status.success(), "redis-benchmark failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "redis-benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         out
     }
 }
@@ -104,16 +136,34 @@ impl Drop for RedisServer {
     }
 }
 
-/// Everything the capture pipeline saw, per connection.
+/// What the capture pipeline saw while a test was recording.
 #[derive(Default)]
 pub struct Seen {
+    pub recording: bool,
     pub chunks: Vec<StreamChunk>,
-    pub closed: Vec<(ConnId, u64, u64)>,
+    /// Connection, pid, bytes lost at the end of its ingress and egress streams.
+    pub closed: Vec<(ConnId, u32, u64, u64)>,
+}
+
+/// Keeps chunks while alive; forgets them when dropped, so tests that only look at stats do
+/// not pay for (and the consumer is not slowed by) keeping every byte.
+pub struct Recording<'a> {
+    harness: &'a Harness,
+    _turn: std::sync::MutexGuard<'static, ()>,
+}
+
+impl Drop for Recording<'_> {
+    fn drop(&mut self) {
+        let mut seen = self.harness.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.recording = false;
+        seen.chunks.clear();
+        seen.closed.clear();
+    }
 }
 
 pub struct Harness {
     pub seen: Arc<Mutex<Seen>>,
-    pub counters: Arc<PipelineCounters>,
+    pub shared: Arc<Shared>,
 }
 
 impl Harness {
@@ -125,40 +175,74 @@ impl Harness {
         LOAD.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
+    /// Takes the exclusive turn and records chunks until the returned guard is dropped.
+    pub fn recording(&self) -> Recording<'_> {
+        let turn = Self::exclusive();
+        self.seen.lock().expect("lock").recording = true;
+        Recording {
+            harness: self,
+            _turn: turn,
+        }
+    }
+
     pub fn get() -> &'static Harness {
         static HARNESS: OnceLock<Harness> = OnceLock::new();
-        HARNESS.get_or_init(|| Harness::start(CaptureConfig::default()))
+        // Twice the daemon's default ring: unlike the daemon, the harness keeps every chunk.
+        HARNESS.get_or_init(|| {
+            Harness::start(CaptureConfig {
+                ring_bytes: 128 << 20,
+            })
+        })
     }
 
     pub fn start(config: CaptureConfig) -> Harness {
         // Reserved up front: growing a vector of millions of chunks would stall the consumer
         // and overflow the ring, which is the test harness's cost, not the daemon's.
-        let seen = Arc::new(Mutex::new(Seen { chunks: Vec::with_capacity(6 << 20), closed: Vec::new() }));
+        let seen = Arc::new(Mutex::new(Seen {
+            recording: false,
+            chunks: Vec::with_capacity(4 << 20),
+            closed: Vec::new(),
+        }));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let sink = Arc::clone(&seen);
         std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
             runtime.block_on(async move {
                 let capture = Capture::start(&config).expect("capture starts (tests run as root)");
-                let pipeline = Pipeline::new(capture);
+                let pipeline =
+                    Pipeline::new(capture, PipelineConfig::default(), Attributor::default());
                 let (_stop, stopped) = tokio::sync::watch::channel(false);
-                ready_tx.send(pipeline.counters()).expect("ready");
+                ready_tx.send(pipeline.shared()).expect("ready");
                 pipeline
                     .run(stopped, move |event| {
                         let mut seen = sink.lock().expect("lock");
+                        if !seen.recording {
+                            return;
+                        }
                         match event {
                             StreamEvent::Data(chunk) => seen.chunks.push(chunk.clone()),
-                            StreamEvent::Closed { conn, lost_ingress, lost_egress, .. } => {
-                                seen.closed.push((conn.id, *lost_ingress, *lost_egress))
-                            }
+                            StreamEvent::Closed {
+                                conn,
+                                lost_ingress,
+                                lost_egress,
+                                ..
+                            } => seen.closed.push((
+                                conn.id,
+                                conn.process.pid,
+                                *lost_ingress,
+                                *lost_egress,
+                            )),
                         }
                     })
                     .await
                     .expect("pipeline");
             });
         });
-        let counters = ready_rx.recv_timeout(WAIT).expect("capture started");
-        Harness { seen, counters }
+        let shared = ready_rx.recv_timeout(WAIT).expect("capture started");
+        Harness { seen, shared }
     }
 
     /// Chunks of processes `pid`, grouped into per-connection, per-direction streams.
@@ -166,23 +250,55 @@ impl Harness {
         let seen = self.seen.lock().expect("lock");
         let mut streams: BTreeMap<(ConnId, u8), Vec<StreamChunk>> = BTreeMap::new();
         for chunk in seen.chunks.iter().filter(|c| c.conn.process.pid == pid) {
-            streams.entry((chunk.conn.id, chunk.direction as u8)).or_default().push(chunk.clone());
+            streams
+                .entry((chunk.conn.id, chunk.direction as u8))
+                .or_default()
+                .push(chunk.clone());
         }
         streams
     }
 
     pub fn chunks_of(&self, pid: u32) -> usize {
-        self.seen.lock().expect("lock").chunks.iter().filter(|c| c.conn.process.pid == pid).count()
+        self.seen
+            .lock()
+            .expect("lock")
+            .chunks
+            .iter()
+            .filter(|c| c.conn.process.pid == pid)
+            .count()
     }
 
-    /// Total bytes seen from process `pid` in `direction` (copied or not, plus reported losses).
+    /// Bytes of process `pid` in `direction` accounted for: delivered (copied or not) plus
+    /// every loss the pipeline reported (before a chunk, or at a connection's close).
     pub fn bytes_of(&self, pid: u32, direction: Direction) -> u64 {
         let seen = self.seen.lock().expect("lock");
-        seen.chunks
+        let delivered: u64 = seen
+            .chunks
             .iter()
             .filter(|c| c.conn.process.pid == pid && c.direction == direction)
             .map(|c| c.total_len() + c.gap_before)
-            .sum()
+            .sum();
+        let lost_at_close: u64 = seen
+            .closed
+            .iter()
+            .filter(|(_, owner, _, _)| *owner == pid)
+            .map(|(_, _, ingress, egress)| {
+                if direction == Direction::Ingress {
+                    ingress
+                } else {
+                    egress
+                }
+            })
+            .sum();
+        delivered + lost_at_close
+    }
+
+    /// Bytes lost anywhere so far (kernel ring full), as reported by the pipeline.
+    pub fn lost_bytes(&self) -> u64 {
+        self.shared
+            .counters
+            .lost_bytes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Waits until `done` holds, for at most [`WAIT`].
@@ -197,7 +313,10 @@ impl Harness {
 
 /// Reassembles a stream's copied bytes; uncopied stretches become `None` of their length.
 pub fn reassemble(chunks: &[StreamChunk]) -> Vec<(Vec<u8>, u64)> {
-    chunks.iter().map(|c| (c.bytes.to_vec(), c.uncopied)).collect()
+    chunks
+        .iter()
+        .map(|c| (c.bytes.to_vec(), c.uncopied))
+        .collect()
 }
 
 /// Checks that the copied parts of `chunks`, at their stream offsets, equal `expected`, and
@@ -211,9 +330,20 @@ pub fn assert_stream_matches(chunks: &[StreamChunk], expected: &[u8], what: &str
         assert_eq!(chunk.gap_before, 0, "{what}: unexpected loss");
         let copied = chunk.bytes.len();
         let end = offset + copied;
-        assert!(end <= expected.len(), "{what}: stream longer than expected ({end} > {})", expected.len());
-        assert!(chunk.bytes[..] == expected[offset..end], "{what}: bytes differ at offset {offset}");
+        assert!(
+            end <= expected.len(),
+            "{what}: stream longer than expected ({end} > {})",
+            expected.len()
+        );
+        assert!(
+            chunk.bytes[..] == expected[offset..end],
+            "{what}: bytes differ at offset {offset}"
+        );
         offset += chunk.total_len() as usize;
     }
-    assert_eq!(offset, expected.len(), "{what}: captured length differs from what crossed the socket");
+    assert_eq!(
+        offset,
+        expected.len(),
+        "{what}: captured length differs from what crossed the socket"
+    );
 }

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# What respwatchd costs a busy Redis: redis-benchmark against a local redis-server with and
+# without the daemon, interleaved A/B so machine noise hits both alike. Prints the throughput
+# ratio (with/without) per workload and the daemon's CPU seconds per million commands.
+# Usage: benches/overhead.sh [rounds] [requests]   (root; builds the daemon first)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+rounds=${1:-5}
+requests=${2:-200000}
+bash scripts/bootstrap.sh >/dev/null
+export PATH="$HOME/.cargo/bin:$PATH"
+cargo build --release -q -p respwatchd
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+redis-server --port "$port" --save '' --appendonly no --daemonize no --loglevel warning >/dev/null &
+redis_pid=$!
+daemon_pid=
+cleanup() {
+  [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null || true
+  kill "$redis_pid" 2>/dev/null || true
+  wait 2>/dev/null || true
+}
+trap cleanup EXIT
+until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
+
+cpu_seconds() { # utime + stime of a process, in seconds
+  awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
+}
+
+# rps for one run of redis-benchmark: the sum of the SET and GET rates.
+bench() {
+  redis-benchmark -p "$port" -c 50 -n "$requests" -t set,get "$@" --csv \
+    | awk -F, 'NR > 1 { gsub(/"/, "", $2); sum += $2 } END { printf "%.0f", sum }'
+}
+
+printf '%-14s %6s %14s %14s %8s %14s\n' workload round "rps without" "rps with" ratio "cpu s/Mcmd"
+for workload in "-P 1" "-P 16"; do
+  total_ratio=0
+  for round in $(seq "$rounds"); do
+    # shellcheck disable=SC2086
+    without=$(bench $workload)
+    ./target/release/respwatchd --log error &
+    daemon_pid=$!
+    sleep 1.5
+    before=$(cpu_seconds "$daemon_pid")
+    # shellcheck disable=SC2086
+    with=$(bench $workload)
+    after=$(cpu_seconds "$daemon_pid")
+    kill "$daemon_pid"; wait "$daemon_pid" 2>/dev/null || true
+    daemon_pid=
+    ratio=$(awk -v a="$with" -v b="$without" 'BEGIN { printf "%.3f", a / b }')
+    # Two commands (SET and GET) per request slot: 2 × requests commands per run.
+    cpu=$(awk -v a="$after" -v b="$before" -v n="$requests" 'BEGIN { printf "%.2f", (a - b) / (2 * n / 1e6) }')
+    total_ratio=$(awk -v t="$total_ratio" -v r="$ratio" 'BEGIN { print t + r }')
+    printf '%-14s %6s %14s %14s %8s %14s\n' "GET/SET $workload" "$round" "$without" "$with" "$ratio" "$cpu"
+  done
+  printf '%-14s %6s %14s %14s %8s\n' "GET/SET $workload" mean "" "" "$(awk -v t="$total_ratio" -v n="$rounds" 'BEGIN { printf "%.3f", t / n }')"
+done

@@ -1,0 +1,140 @@
+//! Pipeline types → `respwatch.v1` messages.
+use respwatch_proto::{timestamp, v1};
+use respwatch_resp::correlate::Role;
+
+use crate::{
+    aggregate::{GroupBy, RowKey, RowStats},
+    event::{CommandEvent, outcome_name},
+    sockets::SocketAddrs,
+};
+
+pub fn role(role: Role) -> v1::Role {
+    match role {
+        Role::Client => v1::Role::Client,
+        Role::Server => v1::Role::Server,
+    }
+}
+
+pub fn event(key: &RowKey, event: &CommandEvent) -> v1::CommandEvent {
+    let process = &event.conn.process;
+    let (local_addr, peer_addr) = match &event.conn.socket {
+        Some(SocketAddrs::Tcp { local, peer }) => (local.to_string(), peer.to_string()),
+        Some(SocketAddrs::Unix { path }) => (format!("unix:{path}"), format!("unix:{path}")),
+        None => (String::new(), String::new()),
+    };
+    let (error_prefix, error_message) = event
+        .error
+        .as_ref()
+        .map(|e| (e.prefix.clone(), e.message.clone()))
+        .unwrap_or_default();
+    v1::CommandEvent {
+        time: Some(timestamp(event.time_unix_ns)),
+        role: role(event.role) as i32,
+        namespace: key.namespace.clone(),
+        pod: key.pod.clone(),
+        container: key.container.clone(),
+        pid: process.pid,
+        comm: process.comm.clone(),
+        container_id: process.container_id.clone().unwrap_or_default(),
+        local_addr,
+        peer_addr,
+        command: event.command.clone(),
+        key: event.key.clone().unwrap_or_default(),
+        argc: event.argc,
+        request_bytes: event.request_bytes,
+        reply_bytes: event.reply_bytes,
+        reply: event.reply.to_owned(),
+        error_prefix,
+        error_message,
+        outcome: outcome_name(event.outcome).to_owned(),
+        counted: event.counted,
+        latency_ns: event.latency_ns,
+        pipeline_depth: event.pipeline_depth,
+        in_transaction: event.in_transaction,
+        connection: event.conn.id.0,
+    }
+}
+
+pub fn row(key: &RowKey, stats: &RowStats) -> v1::StatsRow {
+    let usec = |ns: u64| ns as f64 / 1000.0;
+    v1::StatsRow {
+        command: key.command.clone(),
+        calls: stats.calls,
+        usec: stats.usec(),
+        usec_per_call: stats.usec_per_call(),
+        rejected_calls: stats.rejected_calls,
+        failed_calls: stats.failed_calls,
+        namespace: key.namespace.clone(),
+        pod: key.pod.clone(),
+        container: key.container.clone(),
+        pid: key.pid,
+        comm: key.comm.clone(),
+        role: role(key.role) as i32,
+        peer: key.peer.clone(),
+        // Bucket bounds are about 10% wide: never report a quantile above the maximum.
+        p50_usec: usec(stats.histogram.quantile(0.50).min(stats.max_ns)),
+        p99_usec: usec(stats.histogram.quantile(0.99).min(stats.max_ns)),
+        max_usec: usec(stats.max_ns),
+        bytes_in: stats.bytes_in,
+        bytes_out: stats.bytes_out,
+        errors: stats.errors.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+    }
+}
+
+/// The default grouping: everything but the peer.
+pub const DEFAULT_GROUP_BY: [GroupBy; 6] = [
+    GroupBy::Namespace,
+    GroupBy::Pod,
+    GroupBy::Container,
+    GroupBy::Process,
+    GroupBy::Role,
+    GroupBy::Command,
+];
+
+pub const ALL_GROUP_BY: [GroupBy; 7] = [
+    GroupBy::Namespace,
+    GroupBy::Pod,
+    GroupBy::Container,
+    GroupBy::Process,
+    GroupBy::Role,
+    GroupBy::Command,
+    GroupBy::Peer,
+];
+
+pub fn group_by(values: &[i32]) -> Result<Vec<GroupBy>, tonic::Status> {
+    if values.is_empty() {
+        return Ok(DEFAULT_GROUP_BY.to_vec());
+    }
+    values
+        .iter()
+        .map(|value| match v1::GroupBy::try_from(*value) {
+            Ok(v1::GroupBy::Namespace) => Ok(GroupBy::Namespace),
+            Ok(v1::GroupBy::Pod) => Ok(GroupBy::Pod),
+            Ok(v1::GroupBy::Container) => Ok(GroupBy::Container),
+            Ok(v1::GroupBy::Process) => Ok(GroupBy::Process),
+            Ok(v1::GroupBy::Role) => Ok(GroupBy::Role),
+            Ok(v1::GroupBy::Command) => Ok(GroupBy::Command),
+            Ok(v1::GroupBy::Peer) => Ok(GroupBy::Peer),
+            Ok(v1::GroupBy::Unspecified) | Err(_) => Err(tonic::Status::invalid_argument(format!(
+                "unknown group_by value {value}"
+            ))),
+        })
+        .collect()
+}
+
+/// Keeps the fields named in `group_by` and blanks the rest (role always stays: client and
+/// server views of one call must not be added up).
+pub fn project(key: &RowKey, group_by: &[GroupBy]) -> RowKey {
+    let has = |field| group_by.contains(&field);
+    let keep = |yes: bool, value: &String| if yes { value.clone() } else { String::new() };
+    RowKey {
+        role: key.role,
+        namespace: keep(has(GroupBy::Namespace) || has(GroupBy::Pod), &key.namespace),
+        pod: keep(has(GroupBy::Pod), &key.pod),
+        container: keep(has(GroupBy::Container), &key.container),
+        pid: if has(GroupBy::Process) { key.pid } else { 0 },
+        comm: keep(has(GroupBy::Process), &key.comm),
+        peer: keep(has(GroupBy::Peer), &key.peer),
+        command: keep(has(GroupBy::Command), &key.command),
+    }
+}

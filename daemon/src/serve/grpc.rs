@@ -1,0 +1,276 @@
+//! The `respwatch.v1.Observer` service, and the gRPC server that carries it beside reflection
+//! (v1 and v1alpha) and `grpc.health.v1`.
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{Arc, atomic::Ordering},
+};
+
+use anyhow::Context;
+use respwatch_common::LossReason;
+use respwatch_proto::{
+    timestamp,
+    v1::{self, observer_server::ObserverServer},
+};
+use tokio::sync::watch as signal;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::{
+    Request, Response, Status,
+    transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
+};
+
+use super::{
+    ListenAddr, ServeConfig, ServeState, convert, filter::FilterSet, now_unix_ns, stopped, watch,
+};
+use crate::{aggregate::WINDOW_SECONDS, pipeline::Shared};
+
+/// The service implementation.
+#[derive(Clone)]
+pub struct Observer {
+    state: Arc<ServeState>,
+}
+
+impl Observer {
+    pub fn new(state: Arc<ServeState>) -> Self {
+        Self { state }
+    }
+
+    fn shared(&self) -> &Shared {
+        &self.state.shared
+    }
+}
+
+#[tonic::async_trait]
+impl v1::observer_server::Observer for Observer {
+    type WatchStream = ReceiverStream<Result<v1::WatchResponse, Status>>;
+
+    async fn watch(
+        &self,
+        request: Request<v1::WatchRequest>,
+    ) -> Result<Response<Self::WatchStream>, Status> {
+        let request = request.into_inner();
+        let filters = FilterSet::parse(&request.allow, &request.deny)?;
+        Ok(Response::new(watch::subscribe(
+            Arc::clone(&self.state),
+            filters,
+            request.last as usize,
+        )))
+    }
+
+    async fn get_stats(
+        &self,
+        request: Request<v1::GetStatsRequest>,
+    ) -> Result<Response<v1::GetStatsResponse>, Status> {
+        let request = request.into_inner();
+        let filters = FilterSet::parse(&request.allow, &request.deny)?;
+        if filters.event_only() {
+            return Err(Status::invalid_argument(
+                "key_prefix and min_latency_usec apply to Watch only",
+            ));
+        }
+        let group_by = convert::group_by(&request.group_by)?;
+        if request.window_seconds as usize > WINDOW_SECONDS {
+            return Err(Status::invalid_argument(format!(
+                "window_seconds is at most {WINDOW_SECONDS}"
+            )));
+        }
+        let now = now_unix_ns();
+        let window = (request.window_seconds > 0)
+            .then(|| (now / 1_000_000_000, u64::from(request.window_seconds)));
+        let full = {
+            let aggregator = self
+                .shared()
+                .aggregator
+                .lock()
+                .map_err(|_| Status::internal("aggregator poisoned"))?;
+            aggregator.query(|_| true, &convert::ALL_GROUP_BY, window)
+        };
+        let mut grouped: HashMap<_, crate::aggregate::RowStats> = HashMap::new();
+        for (key, stats) in full
+            .iter()
+            .filter(|(key, stats)| filters.allows_row(key, stats))
+        {
+            grouped
+                .entry(convert::project(key, &group_by))
+                .or_default()
+                .merge(stats);
+        }
+        let mut rows: Vec<v1::StatsRow> = grouped
+            .iter()
+            .map(|(key, stats)| convert::row(key, stats))
+            .collect();
+        rows.sort_by(|a, b| {
+            b.calls.cmp(&a.calls).then_with(|| {
+                (
+                    &a.namespace,
+                    &a.pod,
+                    &a.container,
+                    a.pid,
+                    &a.comm,
+                    a.role,
+                    &a.peer,
+                    &a.command,
+                )
+                    .cmp(&(
+                        &b.namespace,
+                        &b.pod,
+                        &b.container,
+                        b.pid,
+                        &b.comm,
+                        b.role,
+                        &b.peer,
+                        &b.command,
+                    ))
+            })
+        });
+        Ok(Response::new(v1::GetStatsResponse {
+            node: self.state.node.clone(),
+            time: Some(timestamp(now)),
+            window_seconds: request.window_seconds,
+            rows,
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        _: Request<v1::GetStatusRequest>,
+    ) -> Result<Response<v1::GetStatusResponse>, Status> {
+        Ok(Response::new(status(&self.state)))
+    }
+}
+
+pub fn status(state: &ServeState) -> v1::GetStatusResponse {
+    let counters = &state.shared.counters;
+    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+    let mut losses: Vec<v1::Loss> = LossReason::ALL
+        .iter()
+        .map(|reason| v1::Loss {
+            source: v1::LossSource::RingBuffer as i32,
+            reason: reason.name().to_owned(),
+            count: load(&counters.kernel_losses[*reason as usize]),
+        })
+        .collect();
+    losses.push(v1::Loss {
+        source: v1::LossSource::DecoderDesync as i32,
+        reason: "desync".to_owned(),
+        count: load(&counters.desyncs),
+    });
+    losses.push(v1::Loss {
+        source: v1::LossSource::SubscriberQueue as i32,
+        reason: "dropped".to_owned(),
+        count: load(&state.subscriber_drops),
+    });
+    let stats_rows = state
+        .shared
+        .aggregator
+        .lock()
+        .map(|a| a.rows() as u64)
+        .unwrap_or_default();
+    v1::GetStatusResponse {
+        node: state.node.clone(),
+        version: state.version.to_owned(),
+        uptime_seconds: state.started.elapsed().as_secs(),
+        kernel_release: state.kernel_release.clone(),
+        attached_programs: state.attached.clone(),
+        records: load(&counters.records),
+        chunks: load(&counters.chunks),
+        bytes: load(&counters.bytes),
+        events: load(&counters.events),
+        losses,
+        tracked_connections: load(&counters.tracked_connections),
+        subscribers: load(&state.subscribers) as u32,
+        kubernetes_sync: "disabled".to_owned(),
+        started: Some(timestamp(state.started_unix_ns)),
+        stats_rows,
+        lost_bytes: load(&counters.lost_bytes),
+    }
+}
+
+fn tls_config(config: &ServeConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let Some(files) = &config.tls else {
+        return Ok(None);
+    };
+    let read = |path: &std::path::PathBuf| {
+        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
+    };
+    let mut tls =
+        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
+    if let Some(ca) = &files.client_ca {
+        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
+    }
+    Ok(Some(tls))
+}
+
+/// Binds the gRPC listener and spawns the server. Returns the bound address (port 0 resolved).
+pub async fn start(
+    state: Arc<ServeState>,
+    config: &ServeConfig,
+    stop: signal::Receiver<bool>,
+) -> anyhow::Result<(ListenAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ObserverServer<Observer>>().await;
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    let reflection_v1 = reflection().build_v1().context("reflection v1")?;
+    let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
+    let mut builder = Server::builder();
+    if let Some(tls) = tls_config(config)? {
+        builder = builder.tls_config(tls).context("TLS configuration")?;
+    } else if let ListenAddr::Tcp(addr) = &config.grpc_listen
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(%addr, "gRPC listens beyond loopback without TLS: anyone who can reach it sees Redis traffic metadata; pass --tls-cert/--tls-key");
+    }
+    let router = builder
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .add_service(ObserverServer::new(Observer::new(state)));
+    let shutdown = stopped(stop);
+    match &config.grpc_listen {
+        ListenAddr::Tcp(addr) => {
+            let listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .with_context(|| format!("gRPC listener on {addr}"))?;
+            let bound: SocketAddr = listener.local_addr()?;
+            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+            tracing::info!(addr = %bound, tls = config.tls.is_some(), "gRPC API listening");
+            let task = tokio::spawn(async move {
+                router
+                    .serve_with_incoming_shutdown(incoming, shutdown)
+                    .await
+                    .context("gRPC server")
+            });
+            Ok((ListenAddr::Tcp(bound), task))
+        }
+        ListenAddr::Unix(path) => {
+            if path.exists() {
+                // A stale socket of an earlier run; binding fails while a live one holds it.
+                if std::os::unix::net::UnixStream::connect(path).is_ok() {
+                    anyhow::bail!(
+                        "gRPC listener on unix:{}: another process is serving there",
+                        path.display()
+                    );
+                }
+                std::fs::remove_file(path)
+                    .with_context(|| format!("removing stale {}", path.display()))?;
+            }
+            let listener = tokio::net::UnixListener::bind(path)
+                .with_context(|| format!("gRPC listener on unix:{}", path.display()))?;
+            tracing::info!(path = %path.display(), "gRPC API listening");
+            let owned = path.clone();
+            let task = tokio::spawn(async move {
+                let served = router
+                    .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+                    .await
+                    .context("gRPC server");
+                let _ = std::fs::remove_file(&owned);
+                served
+            });
+            Ok((config.grpc_listen.clone(), task))
+        }
+    }
+}

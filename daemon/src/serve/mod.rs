@@ -1,0 +1,225 @@
+//! Serve stage: the `respwatch.v1.Observer` gRPC API (with reflection v1 and v1alpha and the
+//! standard health service) and the Prometheus `/metrics` endpoint, both reading the
+//! pipeline's [`Shared`] state. Nothing here can slow the pipeline: Watch subscribers read a
+//! broadcast channel and drop (and report) what they cannot keep up with.
+mod convert;
+pub mod filter;
+mod grpc;
+pub mod metrics;
+mod watch;
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::PathBuf,
+    str::FromStr,
+    sync::{Arc, atomic::AtomicU64},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::Context;
+use tokio::sync::watch as signal;
+
+use crate::{enrich::process_alive, pipeline::Shared};
+
+pub use grpc::Observer;
+pub use metrics::MetricLabels;
+
+/// Where the gRPC API listens: `host:port` or `unix:/path`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ListenAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+impl FromStr for ListenAddr {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if let Some(path) = text.strip_prefix("unix:") {
+            if path.is_empty() {
+                return Err("unix: needs a path, e.g. unix:/run/respwatch.sock".to_owned());
+            }
+            return Ok(ListenAddr::Unix(PathBuf::from(path)));
+        }
+        resolve(text).map(ListenAddr::Tcp)
+    }
+}
+
+impl fmt::Display for ListenAddr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ListenAddr::Tcp(addr) => write!(f, "{addr}"),
+            ListenAddr::Unix(path) => write!(f, "unix:{}", path.display()),
+        }
+    }
+}
+
+/// `host:port` (a name such as `localhost` resolves to its first address).
+pub fn resolve(text: &str) -> Result<SocketAddr, String> {
+    use std::net::ToSocketAddrs;
+    text.to_socket_addrs()
+        .map_err(|error| format!("invalid address {text:?} (expected host:port): {error}"))?
+        .next()
+        .ok_or_else(|| format!("{text:?} resolves to no address"))
+}
+
+/// PEM files for TLS on the gRPC port.
+#[derive(Clone, Debug)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// When set, clients must present a certificate signed by this CA.
+    pub client_ca: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub grpc_listen: ListenAddr,
+    pub metrics_listen: SocketAddr,
+    pub node_name: String,
+    pub tls: Option<TlsFiles>,
+    pub metric_labels: MetricLabels,
+    /// Rows of exited processes that saw nothing for this long are forgotten.
+    pub expire_after: Duration,
+    /// Matching events buffered per Watch subscriber before it gets loss notices instead.
+    pub watch_queue: usize,
+}
+
+/// What the serving side knows beyond the pipeline's counters.
+pub struct ServeState {
+    pub shared: Arc<Shared>,
+    pub node: String,
+    pub version: &'static str,
+    pub started_unix_ns: u64,
+    pub started: std::time::Instant,
+    pub kernel_release: String,
+    pub attached: Vec<String>,
+    pub watch_queue: usize,
+    /// Open Watch streams.
+    pub subscribers: AtomicU64,
+    /// Matching events Watch subscribers could not take (their queues were full).
+    pub subscriber_drops: AtomicU64,
+}
+
+impl ServeState {
+    pub fn new(
+        shared: Arc<Shared>,
+        config: &ServeConfig,
+        attached: Vec<String>,
+    ) -> Arc<ServeState> {
+        Arc::new(ServeState {
+            shared,
+            node: config.node_name.clone(),
+            version: env!("CARGO_PKG_VERSION"),
+            started_unix_ns: now_unix_ns(),
+            started: std::time::Instant::now(),
+            kernel_release: kernel_release(),
+            attached,
+            watch_queue: config.watch_queue.max(1),
+            subscribers: AtomicU64::new(0),
+            subscriber_drops: AtomicU64::new(0),
+        })
+    }
+}
+
+/// The running servers; [`Servers::shutdown`] stops them.
+pub struct Servers {
+    pub grpc_addr: ListenAddr,
+    pub metrics_addr: SocketAddr,
+    stop: signal::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Servers {
+    /// Binds both listeners (so a busy port fails startup) and serves until shutdown.
+    pub async fn start(
+        shared: Arc<Shared>,
+        config: ServeConfig,
+        attached: Vec<String>,
+    ) -> anyhow::Result<Servers> {
+        let state = ServeState::new(shared, &config, attached);
+        let (stop, stopped) = signal::channel(false);
+        let (grpc_addr, grpc) = grpc::start(Arc::clone(&state), &config, stopped.clone()).await?;
+        let (metrics_addr, metrics) = metrics::start(
+            Arc::clone(&state),
+            config.metrics_listen,
+            config.metric_labels.clone(),
+            stopped.clone(),
+        )
+        .await
+        .with_context(|| format!("metrics listener on {}", config.metrics_listen))?;
+        let expiry = tokio::spawn(expire_rows(
+            Arc::clone(&state),
+            config.expire_after,
+            stopped,
+        ));
+        Ok(Servers {
+            grpc_addr,
+            metrics_addr,
+            stop,
+            tasks: vec![grpc, metrics, expiry],
+        })
+    }
+
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        let _ = self.stop.send(true);
+        for task in self.tasks {
+            match tokio::time::timeout(Duration::from_secs(5), task).await {
+                Ok(joined) => joined??,
+                Err(_) => tracing::warn!("a server did not stop within 5s"),
+            }
+        }
+        Ok(())
+    }
+}
+
+async fn expire_rows(
+    state: Arc<ServeState>,
+    grace: Duration,
+    mut stop: signal::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let mut tick =
+        tokio::time::interval(Duration::from_secs(10).min(grace.max(Duration::from_secs(1))));
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                if let Ok(mut aggregator) = state.shared.aggregator.lock() {
+                    aggregator.expire(now_unix_ns(), grace.as_nanos() as u64, |key| process_alive(key.pid));
+                }
+            }
+            _ = stop.changed() => return Ok(()),
+        }
+    }
+}
+
+/// Resolves when `stop` turns true (or its sender is gone).
+pub(crate) async fn stopped(mut stop: signal::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+pub fn now_unix_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or_default()
+}
+
+fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default()
+}
+
+/// This machine's host name, the default node name outside Kubernetes.
+pub fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_owned())
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "localhost".to_owned())
+}

@@ -1,0 +1,897 @@
+//! The product surface end to end: one real `respwatchd` (eBPF attached) serving gRPC and
+//! `/metrics`, driven by real redis-server/redis-cli/redis-benchmark traffic and read with the
+//! real `redisctl`, grpcurl, Prometheus and promtool.
+mod api_support;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use api_support::*;
+use respwatch_proto::v1::{self, watch_response::Kind};
+use serde_json::Value;
+
+fn json_lines(text: &str) -> Vec<Value> {
+    text.lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect()
+}
+
+/// Runs `redisctl watch` subscriptions while `traffic` runs, then returns each one's stdout.
+fn watch_during(watches: &[Vec<String>], traffic: impl FnOnce()) -> Vec<String> {
+    let before = status().subscribers;
+    let children: Vec<_> = watches
+        .iter()
+        .map(|args| {
+            redisctl()
+                .arg("watch")
+                .args(args)
+                .args(["--duration", "6s"])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("redisctl watch")
+        })
+        .collect();
+    wait_for_subscribers(before + watches.len() as u32);
+    traffic();
+    children
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().expect("redisctl watch output");
+            assert!(
+                out.status.success(),
+                "redisctl watch failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            stdout(&out)
+        })
+        .collect()
+}
+
+/// (command, key, error prefix) of JSON events.
+fn triples(events: &[Value]) -> Vec<(String, String, String)> {
+    events
+        .iter()
+        .map(|e| {
+            let field = |name: &str| e[name].as_str().unwrap_or_default().to_owned();
+            (field("command"), field("key"), field("error_prefix"))
+        })
+        .collect()
+}
+
+#[test]
+fn watch_filters_show_exactly_the_matching_commands() {
+    let _turn = exclusive();
+    daemon();
+    let server = RedisServer::start(&[]);
+    let pid = server.pid().to_string();
+    let watches: Vec<Vec<String>> = vec![
+        vec![
+            "--pid".into(),
+            pid.clone(),
+            "--role".into(),
+            "server".into(),
+            "-o".into(),
+            "json".into(),
+        ],
+        vec![
+            "--pid".into(),
+            pid.clone(),
+            "--command".into(),
+            "get".into(),
+        ],
+        vec![
+            "--pid".into(),
+            pid.clone(),
+            "--errors-only".into(),
+            "-o".into(),
+            "json".into(),
+        ],
+        vec![
+            "-n".into(),
+            String::new(),
+            "--pid".into(),
+            pid.clone(),
+            "--command".into(),
+            "SET".into(),
+            "-o".into(),
+            "json".into(),
+        ],
+        vec!["-n".into(), "shop".into(), "--pid".into(), pid.clone()],
+        vec![
+            "--pid".into(),
+            pid.clone(),
+            "--key-prefix".into(),
+            "user:".into(),
+            "-o".into(),
+            "json".into(),
+        ],
+    ];
+    let outputs = watch_during(&watches, || {
+        for args in [
+            &["SET", "a", "1"][..],
+            &["GET", "a"],
+            &["LPUSH", "a", "x"],
+            &["GET", "user:42"],
+            &["SET", "user:7", "v"],
+        ] {
+            assert!(server.cli(args).status.success());
+        }
+        wait_for("the 5 commands in stats", || {
+            server_calls(server.pid()).values().sum::<u64>() >= 5
+        });
+    });
+    let all = json_lines(&outputs[0]);
+    let s = |x: &str| x.to_owned();
+    assert_eq!(
+        triples(&all),
+        vec![
+            (s("set"), s("a"), s("")),
+            (s("get"), s("a"), s("")),
+            (s("lpush"), s("a"), s("WRONGTYPE")),
+            (s("get"), s("user:42"), s("")),
+            (s("set"), s("user:7"), s("")),
+        ],
+        "all server-side commands of the process, in order"
+    );
+    for event in &all {
+        assert_eq!(event["pid"], server.pid());
+        assert_eq!(event["role"], "server");
+        assert_eq!(event["comm"], "redis-server");
+        assert_eq!(event["node"], "api-test");
+    }
+    // Compact lines: time, who, role, command, key, latency, reply or error.
+    let gets: Vec<Vec<&str>> = outputs[1]
+        .lines()
+        .map(|l| l.split("  ").collect())
+        .collect();
+    let who = format!("redis-server[{pid}]");
+    let redis_cli = |cols: &Vec<&str>| cols[1].starts_with("redis-cli[");
+    let server_gets: Vec<(&str, &str, &str, &str)> = gets
+        .iter()
+        .filter(|c| !redis_cli(c))
+        .map(|c| (c[1], c[2], c[3], c[4]))
+        .collect();
+    assert_eq!(
+        server_gets,
+        vec![
+            (who.as_str(), "server", "get", "a"),
+            (who.as_str(), "server", "get", "user:42")
+        ]
+    );
+    assert_eq!(
+        gets.iter().map(|c| c[6]).filter(|r| !r.is_empty()).count(),
+        gets.len(),
+        "reply column"
+    );
+    let errors = json_lines(&outputs[2]);
+    assert_eq!(triples(&errors), vec![(s("lpush"), s("a"), s("WRONGTYPE"))]);
+    assert!(
+        errors[0]["error"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("wrong kind of value")
+    );
+    let host_sets = json_lines(&outputs[3]);
+    assert_eq!(
+        triples(&host_sets),
+        vec![(s("set"), s("a"), s("")), (s("set"), s("user:7"), s(""))]
+    );
+    assert_eq!(host_sets[0]["namespace"], "");
+    assert_eq!(outputs[4], "", "no pods of namespace shop on this node");
+    let users = json_lines(&outputs[5]);
+    assert_eq!(
+        triples(&users),
+        vec![
+            (s("get"), s("user:42"), s("")),
+            (s("set"), s("user:7"), s(""))
+        ]
+    );
+
+    // --last replays the recent history, then goes live.
+    let out = redisctl()
+        .args([
+            "watch",
+            "--pid",
+            &pid,
+            "--last",
+            "3",
+            "--count",
+            "3",
+            "--duration",
+            "10s",
+            "-o",
+            "json",
+        ])
+        .output()
+        .expect("redisctl watch --last");
+    assert!(out.status.success());
+    assert_eq!(
+        triples(&json_lines(&stdout(&out))),
+        vec![
+            (s("lpush"), s("a"), s("WRONGTYPE")),
+            (s("get"), s("user:42"), s("")),
+            (s("set"), s("user:7"), s(""))
+        ]
+    );
+}
+
+/// grpcurl's proto3 JSON (camelCase, 64-bit numbers as strings, enum names) → redisctl's JSON.
+fn normalise_grpcurl_row(row: &Value) -> BTreeMap<String, Value> {
+    let mut out = BTreeMap::new();
+    for (key, value) in row.as_object().expect("row object") {
+        let snake: String = key
+            .chars()
+            .flat_map(|c| {
+                if c.is_ascii_uppercase() {
+                    vec!['_', c.to_ascii_lowercase()]
+                } else {
+                    vec![c]
+                }
+            })
+            .collect();
+        let value = match (snake.as_str(), value) {
+            ("role", Value::String(name)) => {
+                Value::String(name.trim_start_matches("ROLE_").to_lowercase())
+            }
+            ("errors", Value::Object(map)) => Value::Object(
+                map.iter()
+                    .map(|(k, v)| {
+                        (
+                            k.clone(),
+                            Value::from(
+                                v.as_str().and_then(|n| n.parse::<u64>().ok()).unwrap_or(0),
+                            ),
+                        )
+                    })
+                    .collect(),
+            ),
+            (_, Value::String(text))
+                if text.parse::<u64>().is_ok() && snake != "command" && snake != "comm" =>
+            {
+                Value::from(text.parse::<u64>().unwrap_or_default())
+            }
+            (_, other) => other.clone(),
+        };
+        out.insert(snake, value);
+    }
+    out
+}
+
+fn normalise_row(row: &Value) -> BTreeMap<String, Value> {
+    row.as_object()
+        .expect("row object")
+        .iter()
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
+#[test]
+fn redisctl_stats_json_equals_get_stats_from_grpcurl() {
+    let _turn = exclusive();
+    let d = daemon();
+    let server = RedisServer::start(&[]);
+    for args in [
+        &["SET", "k", "1"][..],
+        &["GET", "k"],
+        &["GET", "k"],
+        &["INCR", "k"],
+        &["HSET", "k", "f", "v"],
+    ] {
+        server.cli(args);
+    }
+    wait_for("5 server calls", || {
+        server_calls(server.pid()).values().sum::<u64>() >= 5
+    });
+    let pid = server.pid().to_string();
+    let out = redisctl()
+        .args(["stats", "-o", "json", "--pid", &pid])
+        .output()
+        .expect("redisctl stats");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let ours: Value = serde_json::from_str(&stdout(&out)).expect("one JSON array");
+    let request = format!("{{\"allow\": [{{\"pid\": {pid}}}]}}");
+    let theirs: Value = serde_json::from_str(&stdout(&grpcurl(&[
+        "-emit-defaults",
+        "-d",
+        &request,
+        &d.grpc,
+        "respwatch.v1.Observer/GetStats",
+    ])))
+    .expect("grpcurl JSON");
+    let ours: BTreeSet<String> = ours
+        .as_array()
+        .expect("array")
+        .iter()
+        .map(|r| format!("{:?}", normalise_row(r)))
+        .collect();
+    let theirs: BTreeSet<String> = theirs["rows"]
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| format!("{:?}", normalise_grpcurl_row(r)))
+        .collect();
+    assert_eq!(ours, theirs, "redisctl stats -o json vs grpcurl GetStats");
+    // Both sides of each call: redis-cli (client) and redis-server (server) rows, with Redis'
+    // own meaning: HSET on a string is a failed call with a WRONGTYPE error.
+    let rows = stats(v1::GetStatsRequest {
+        allow: vec![v1::Filter {
+            pid: server.pid(),
+            ..Default::default()
+        }],
+        group_by: vec![v1::GroupBy::Command as i32],
+        ..Default::default()
+    });
+    let by_command: BTreeMap<&str, &v1::StatsRow> =
+        rows.iter().map(|r| (r.command.as_str(), r)).collect();
+    assert_eq!(by_command["get"].calls, 2);
+    assert_eq!(by_command["hset"].failed_calls, 1);
+    assert_eq!(by_command["hset"].errors.get("WRONGTYPE"), Some(&1));
+    let info = server.info("commandstats");
+    assert!(
+        info["cmdstat_get"].starts_with("calls=2,"),
+        "{:?}",
+        info["cmdstat_get"]
+    );
+    assert_eq!(ours.len(), rows.len());
+}
+
+#[test]
+fn prometheus_scrapes_the_same_totals_as_get_stats() {
+    let _turn = exclusive();
+    let d = daemon();
+    let server = RedisServer::start(&[]);
+    server.benchmark(&["-n", "500", "-c", "5", "-t", "set,get"]);
+    server.cli(&["LPUSH", "key:__rand_int__", "x"]);
+    let pid = server.pid();
+    wait_for("benchmark traffic in stats", || {
+        server_calls(pid).values().sum::<u64>() >= 1001
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let rows = stats(v1::GetStatsRequest {
+        allow: vec![v1::Filter {
+            pid,
+            role: v1::Role::Server as i32,
+            ..Default::default()
+        }],
+        group_by: vec![v1::GroupBy::Command as i32],
+        ..Default::default()
+    });
+    let calls: u64 = rows.iter().map(|r| r.calls).sum();
+    let failed: u64 = rows.iter().map(|r| r.failed_calls).sum();
+    let bytes_in: u64 = rows.iter().map(|r| r.bytes_in).sum();
+    assert_eq!(failed, 1, "LPUSH on a string key");
+
+    // promtool accepts the exposition.
+    let exposition = http_get(&d.metrics, "/metrics");
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; run scripts/bootstrap.sh)");
+    std::io::Write::write_all(
+        promtool.stdin.as_mut().expect("stdin"),
+        exposition.as_bytes(),
+    )
+    .expect("write");
+    drop(promtool.stdin.take());
+    let checked = promtool.wait_with_output().expect("promtool");
+    assert!(
+        checked.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&checked.stdout),
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
+    // A real Prometheus scraping every second.
+    let dir = std::env::temp_dir().join(format!("respwatch-prom-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let config = dir.join("prometheus.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\nscrape_configs:\n  - job_name: respwatch\n    static_configs:\n      - targets: ['{}']\n",
+            d.metrics
+        ),
+    )
+    .expect("config");
+    let web = format!("127.0.0.1:{}", free_port());
+    let mut prometheus = KillOnDrop(
+        Command::new("prometheus")
+            .arg(format!("--config.file={}", config.display()))
+            .arg(format!(
+                "--storage.tsdb.path={}",
+                dir.join("data").display()
+            ))
+            .arg(format!("--web.listen-address={web}"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("prometheus (Debian package; run scripts/bootstrap.sh)"),
+    );
+    let query = |promql: &str| -> Option<f64> {
+        let body = std::panic::catch_unwind(|| {
+            http_get(&web, &format!("/api/v1/query?query={}", url_encode(promql)))
+        })
+        .ok()?;
+        let value: Value = serde_json::from_str(&body).ok()?;
+        value["data"]["result"][0]["value"][1]
+            .as_str()?
+            .parse()
+            .ok()
+    };
+    let selector = format!("{{pid=\"{pid}\",role=\"server\"}}");
+    let deadline = Instant::now() + WAIT;
+    let mut seen = None;
+    while Instant::now() < deadline {
+        seen = query(&format!("sum(respwatch_commands_total{selector})"));
+        if seen == Some(calls as f64) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let _ = prometheus.0.try_wait();
+    assert_eq!(seen, Some(calls as f64), "PromQL total vs GetStats calls");
+    assert_eq!(
+        query(&format!("sum(respwatch_command_failed_total{selector})")),
+        Some(failed as f64)
+    );
+    assert_eq!(
+        query(&format!("sum(respwatch_command_in_bytes_total{selector})")),
+        Some(bytes_in as f64)
+    );
+    assert_eq!(
+        query(&format!(
+            "sum(respwatch_errors_total{{pid=\"{pid}\",role=\"server\",prefix=\"WRONGTYPE\"}})"
+        )),
+        Some(1.0)
+    );
+    assert_eq!(
+        query(&format!(
+            "sum(respwatch_command_duration_seconds_count{selector})"
+        )),
+        Some(calls as f64)
+    );
+    drop(prometheus);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn every_grpcurl_example_runs_green() {
+    let _turn = exclusive();
+    let d = daemon();
+    let server = RedisServer::start(&[]);
+    server.cli(&["SET", "s", "1"]);
+    let examples = repo_root().join("grpcurl-examples");
+    let run = |script: &str, args: &[&str]| {
+        Command::new("bash")
+            .arg(examples.join(script))
+            .args(args)
+            .env("SERVER", &d.grpc)
+            .env("GRPCURL", grpcurl_path())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("example")
+    };
+    let finish = |child: std::process::Child, script: &str| {
+        let out = child.wait_with_output().expect("example output");
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout(&out)
+    };
+    let listed = finish(run("list-services.sh", &[]), "list-services.sh");
+    for service in [
+        "respwatch.v1.Observer",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            listed.lines().any(|l| l == service),
+            "{service} in {listed}"
+        );
+    }
+    let described = finish(run("describe.sh", &[]), "describe.sh");
+    assert!(described.contains(
+        "rpc Watch ( .respwatch.v1.WatchRequest ) returns ( stream .respwatch.v1.WatchResponse )"
+    ));
+    assert!(described.contains("min_latency_usec"));
+    assert_eq!(
+        finish(run("health.sh", &[]), "health.sh")
+            .matches("\"SERVING\"")
+            .count(),
+        2
+    );
+    assert!(finish(run("status.sh", &[]), "status.sh").contains("\"node\": \"api-test\""));
+    let by_pod: Value =
+        serde_json::from_str(&finish(run("stats-by-pod.sh", &[]), "stats-by-pod.sh"))
+            .expect("json");
+    assert!(
+        by_pod["rows"]
+            .as_array()
+            .is_some_and(|rows| rows.iter().any(|r| r["command"] == "set"))
+    );
+
+    // The streaming ones, with traffic while they run.
+    let before = status().subscribers;
+    let host = run("watch-namespace.sh", &["", "4"]);
+    let errors = run("errors-only.sh", &["4"]);
+    let slow = run("slow-commands.sh", &["100000", "4"]);
+    wait_for_subscribers(before + 3);
+    server.cli(&["SET", "host-key", "1"]);
+    server.cli(&["LPUSH", "host-key", "x"]);
+    // DEBUG SLEEP 0.15: a 150 ms command, above the 100 ms threshold.
+    server.cli(&["DEBUG", "SLEEP", "0.15"]);
+    let host = finish(host, "watch-namespace.sh");
+    assert!(host.contains("\"key\": \"host-key\""), "{host}");
+    let errors = finish(errors, "errors-only.sh");
+    assert!(
+        errors.contains("\"errorPrefix\": \"WRONGTYPE\""),
+        "{errors}"
+    );
+    assert!(
+        !errors.contains("\"command\": \"set\""),
+        "only errors: {errors}"
+    );
+    let slow = finish(slow, "slow-commands.sh");
+    assert!(slow.contains("\"command\": \"debug\""), "{slow}");
+    assert!(
+        !slow.contains("\"command\": \"set\""),
+        "only slow commands: {slow}"
+    );
+}
+
+#[test]
+fn a_stalled_subscriber_loses_exactly_counted_events_and_stalls_nobody() {
+    let _turn = exclusive();
+    let d = daemon();
+    let server = RedisServer::start(&[]);
+    const N: u64 = 30_000;
+    let filter = v1::Filter {
+        pid: server.pid(),
+        role: v1::Role::Server as i32,
+        command: "set".into(),
+        ..Default::default()
+    };
+    let request = v1::WatchRequest {
+        allow: vec![filter],
+        ..Default::default()
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let (received, lost, sequences_ok, active) = runtime.block_on(async {
+        let before = client(&d.grpc)
+            .await
+            .expect("connect")
+            .get_status(v1::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+            .subscribers;
+        let mut stalled = narrow_client(&d.grpc)
+            .await
+            .watch(request.clone())
+            .await
+            .expect("watch")
+            .into_inner();
+        let mut reader = client(&d.grpc)
+            .await
+            .expect("connect")
+            .watch(request)
+            .await
+            .expect("watch")
+            .into_inner();
+        // The active subscriber reads everything as it comes.
+        let active = tokio::spawn(async move {
+            let (mut events, mut lost) = (0u64, 0u64);
+            while events + lost < N {
+                match tokio::time::timeout(WAIT, reader.message()).await {
+                    Ok(Ok(Some(message))) => match message.kind {
+                        Some(Kind::Event(_)) => events += 1,
+                        Some(Kind::LostEvents(l))
+                            if l.source == v1::LossSource::SubscriberQueue as i32 =>
+                        {
+                            lost += l.count
+                        }
+                        _ => {}
+                    },
+                    _ => break,
+                }
+            }
+            (events, lost)
+        });
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let status = client(&d.grpc)
+                .await
+                .expect("connect")
+                .get_status(v1::GetStatusRequest {})
+                .await
+                .expect("status");
+            if status.into_inner().subscribers >= before + 2 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "subscribers did not register");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // N SETs while the stalled stream is not read at all.
+        let port = server.port.to_string();
+        let n = N.to_string();
+        let bench = tokio::process::Command::new("redis-benchmark")
+            .args(["-p", &port, "-q", "-n", &n, "-c", "10", "-t", "set"])
+            .output()
+            .await
+            .expect("redis-benchmark");
+        assert!(bench.status.success());
+        // Capture kept up: the aggregation has every SET (the stalled stream did not slow it).
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let calls = tokio::task::spawn_blocking({
+                let pid = server.pid();
+                move || server_calls(pid).get("set").copied().unwrap_or_default()
+            })
+            .await
+            .expect("stats");
+            if calls == N {
+                break;
+            }
+            assert!(
+                calls <= N && Instant::now() < deadline,
+                "set calls in stats: {calls}, expected {N}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let active = active.await.expect("active reader");
+        // Now read the stalled stream: what it queued, then the loss notice.
+        let (mut received, mut lost, mut expected_sequence, mut sequences_ok) =
+            (0u64, 0u64, 1u64, true);
+        while received + lost < N {
+            match tokio::time::timeout(Duration::from_secs(5), stalled.message()).await {
+                Ok(Ok(Some(message))) => {
+                    sequences_ok &= message.sequence == expected_sequence;
+                    expected_sequence += 1;
+                    match message.kind {
+                        Some(Kind::Event(_)) => received += 1,
+                        Some(Kind::LostEvents(l)) => {
+                            assert_eq!(l.source, v1::LossSource::SubscriberQueue as i32, "{l:?}");
+                            lost += l.count;
+                        }
+                        None => {}
+                    }
+                }
+                _ => break,
+            }
+        }
+        (received, lost, sequences_ok, active)
+    });
+    assert_eq!(
+        active,
+        (N, 0),
+        "the reading subscriber got every event and lost none"
+    );
+    assert!(
+        lost > 0,
+        "the stalled subscriber should have lost events (received {received})"
+    );
+    assert!(
+        received >= WATCH_QUEUE as u64,
+        "it still gets what was queued: {received}"
+    );
+    assert_eq!(
+        received + lost,
+        N,
+        "received {received} + lost {lost} == generated"
+    );
+    assert!(
+        sequences_ok,
+        "sequence numbers are 1, 2, 3... over events and notices"
+    );
+    let drops = status()
+        .losses
+        .iter()
+        .find(|l| l.reason == "dropped")
+        .map(|l| l.count)
+        .unwrap_or_default();
+    assert!(
+        drops >= lost,
+        "status reports subscriber queue drops: {drops}"
+    );
+}
+
+#[test]
+fn top_once_and_status_show_the_traffic() {
+    let _turn = exclusive();
+    daemon();
+    let server = RedisServer::start(&[]);
+    server.benchmark(&["-n", "300", "-c", "3", "-t", "incr"]);
+    wait_for("incr calls", || {
+        server_calls(server.pid()).get("incr").copied() == Some(300)
+    });
+    let pid = server.pid().to_string();
+    let out = redisctl()
+        .args([
+            "top", "--once", "--pid", &pid, "--role", "server", "--window", "60s",
+        ])
+        .output()
+        .expect("top");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let screen = stdout(&out);
+    eprintln!("--- redisctl top --once ---\n{screen}");
+    let first = screen.lines().next().unwrap_or_default();
+    assert!(
+        first.starts_with("respwatch top - node api-test"),
+        "{first}"
+    );
+    let incr = screen
+        .lines()
+        .find(|l| l.contains(" incr "))
+        .unwrap_or_else(|| panic!("incr row in {screen}"));
+    let cols: Vec<&str> = incr.split_whitespace().collect();
+    assert_eq!(
+        &cols[..3],
+        &[format!("redis-server[{pid}]").as_str(), "server", "incr"]
+    );
+    assert_eq!(cols[4], "300", "calls over the window");
+    assert!(
+        !screen.contains('\x1b'),
+        "no colour or screen control when not a terminal"
+    );
+
+    let out = redisctl()
+        .args(["status", "-o", "json"])
+        .output()
+        .expect("status");
+    assert!(out.status.success());
+    let status: Value = serde_json::from_str(&stdout(&out)).expect("json");
+    assert_eq!(status["node"], "api-test");
+    assert_eq!(status["kubernetes_sync"], "disabled");
+    assert!(
+        status["attached_programs"]
+            .as_array()
+            .is_some_and(|p| p.len() >= 16)
+    );
+    assert!(status["events"].as_u64().unwrap_or_default() >= 600);
+    let sources: BTreeSet<&str> = status["losses"]
+        .as_array()
+        .expect("losses")
+        .iter()
+        .filter_map(|l| l["source"].as_str())
+        .collect();
+    assert_eq!(
+        sources,
+        BTreeSet::from(["ring_buffer", "decoder_desync", "subscriber_queue"])
+    );
+}
+
+#[test]
+fn reflection_v1_and_health_answer() {
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let d = daemon();
+    runtime().block_on(async {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", d.grpc))
+            .expect("uri")
+            .connect()
+            .await
+            .expect("connect");
+        let mut reflection = ServerReflectionClient::new(channel.clone());
+        let request = ServerReflectionRequest {
+            host: String::new(),
+            message_request: Some(MessageRequest::ListServices(String::new())),
+        };
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::iter([request]))
+            .await
+            .expect("reflection v1")
+            .into_inner();
+        let response = responses
+            .message()
+            .await
+            .expect("message")
+            .expect("a response");
+        let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+            panic!("{response:?}")
+        };
+        let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
+        assert!(
+            names.contains(&"respwatch.v1.Observer".to_owned()),
+            "{names:?}"
+        );
+        let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+        let check = tonic_health::pb::HealthCheckRequest {
+            service: "respwatch.v1.Observer".into(),
+        };
+        let serving = health
+            .check(check)
+            .await
+            .expect("health")
+            .into_inner()
+            .status;
+        assert_eq!(
+            serving,
+            tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+        );
+    });
+}
+
+#[test]
+fn redisctl_says_clearly_when_the_daemon_is_unreachable() {
+    let path = redisctl_path();
+    let closed = format!("127.0.0.1:{}", free_port());
+    for sub in [&["status"][..], &["stats"], &["watch"], &["top", "--once"]] {
+        let out = Command::new(&path)
+            .args(["--server", &closed])
+            .args(sub)
+            .output()
+            .expect("redisctl");
+        assert_eq!(out.status.code(), Some(1), "{sub:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.lines().count(), 1, "one line: {err}");
+        assert!(
+            err.contains(&format!("cannot reach respwatchd at {closed}"))
+                && err.contains("--server"),
+            "{err}"
+        );
+    }
+    let socket = Path::new("/nonexistent/respwatch.sock");
+    let out = Command::new(&path)
+        .args(["--server", &format!("unix:{}", socket.display()), "status"])
+        .output()
+        .expect("redisctl");
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("cannot reach respwatchd at unix:/nonexistent/respwatch.sock")
+    );
+    // Bad flags: clap's usage errors (exit 2).
+    for bad in [
+        &["stats", "--sort", "fastest"][..],
+        &["watch", "--min-latency", "5 parsecs"],
+        &["watch", "--role", "proxy"],
+        &["frobnicate"],
+    ] {
+        let out = Command::new(&path).args(bad).output().expect("redisctl");
+        assert_eq!(out.status.code(), Some(2), "{bad:?}");
+        assert!(
+            String::from_utf8_lossy(&out.stderr).starts_with("error:"),
+            "{bad:?}"
+        );
+    }
+    let help = Command::new(&path)
+        .args(["watch", "--help"])
+        .output()
+        .expect("help");
+    assert!(stdout(&help).contains("Examples:"));
+}

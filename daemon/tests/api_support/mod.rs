@@ -1,0 +1,393 @@
+//! The API tests' daemon: one real `respwatchd` per test binary on free ports, plus small
+//! clients (HTTP, gRPC, grpcurl, redisctl) to talk to it.
+#![allow(dead_code, reason = "each test uses a different part")]
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    os::unix::process::CommandExt,
+    path::PathBuf,
+    process::{Child, Command, Output, Stdio},
+    sync::{Mutex, OnceLock, mpsc},
+    time::{Duration, Instant},
+};
+
+use respwatch_proto::v1::{self, observer_client::ObserverClient};
+use tonic::transport::{Channel, Endpoint};
+
+/// Upper bound for any wait.
+pub const WAIT: Duration = Duration::from_secs(30);
+/// Events each Watch subscriber may have queued in the test daemon.
+pub const WATCH_QUEUE: usize = 1000;
+
+pub struct Daemon {
+    pub grpc: String,
+    pub metrics: String,
+    pub pid: u32,
+    pub log: PathBuf,
+}
+
+/// The shared daemon, started on first use. It is started from a thread that lives as long as
+/// the test process, with `PR_SET_PDEATHSIG`, so it dies with the test binary whatever
+/// happens (panics included); no test thread's end can kill it early.
+pub fn daemon() -> &'static Daemon {
+    static DAEMON: OnceLock<Daemon> = OnceLock::new();
+    DAEMON.get_or_init(|| {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let grpc = format!("127.0.0.1:{}", free_port());
+            let metrics = format!("127.0.0.1:{}", free_port());
+            let log =
+                std::env::temp_dir().join(format!("respwatchd-api-{}.log", std::process::id()));
+            let log_file = std::fs::File::create(&log).expect("log file");
+            let mut command = Command::new(env!("CARGO_BIN_EXE_respwatchd"));
+            command
+                .args([
+                    "--grpc-listen",
+                    &grpc,
+                    "--metrics-listen",
+                    &metrics,
+                    "--node-name",
+                    "api-test",
+                ])
+                .args(["--watch-queue", &WATCH_QUEUE.to_string(), "--log", "warn"])
+                .args([
+                    "--metrics-labels",
+                    "namespace,pod,container,pid,comm,role,command",
+                ])
+                .stdout(Stdio::null())
+                .stderr(log_file);
+            // SAFETY: prctl in the child before exec; async-signal-safe.
+            unsafe {
+                command.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+            let child: Child = command.spawn().expect("respwatchd starts");
+            let pid = child.id();
+            tx.send(Daemon {
+                grpc,
+                metrics,
+                pid,
+                log,
+            })
+            .expect("send");
+            // Keep the parent thread (and so the death signal's trigger) alive until exit.
+            let _keep = child;
+            loop {
+                std::thread::park();
+            }
+        });
+        let daemon = rx.recv_timeout(WAIT).expect("daemon spawned");
+        let deadline = Instant::now() + WAIT;
+        let runtime = runtime();
+        while runtime
+            .block_on(async {
+                client(&daemon.grpc)
+                    .await
+                    .ok()?
+                    .get_status(v1::GetStatusRequest {})
+                    .await
+                    .ok()
+            })
+            .is_none()
+        {
+            let log = std::fs::read_to_string(&daemon.log).unwrap_or_default();
+            assert!(
+                Instant::now() < deadline,
+                "respwatchd did not become ready; log:\n{log}"
+            );
+            assert!(
+                std::path::Path::new(&format!("/proc/{}", daemon.pid)).exists(),
+                "respwatchd exited; log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        daemon
+    })
+}
+
+/// Heavy or counting tests take turns (2 cores).
+pub fn exclusive() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: Mutex<()> = Mutex::new(());
+    LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+pub fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+}
+
+pub async fn client(addr: &str) -> Result<ObserverClient<Channel>, tonic::transport::Error> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))?
+        .connect_timeout(Duration::from_secs(2))
+        .connect()
+        .await?;
+    Ok(ObserverClient::new(channel))
+}
+
+/// A client whose HTTP/2 receive windows are small, so a stream it does not read backs up
+/// into the daemon quickly.
+pub async fn narrow_client(addr: &str) -> ObserverClient<Channel> {
+    let channel = Endpoint::from_shared(format!("http://{addr}"))
+        .expect("uri")
+        .initial_stream_window_size(Some(16 * 1024))
+        .initial_connection_window_size(Some(16 * 1024))
+        .connect()
+        .await
+        .expect("connect");
+    ObserverClient::new(channel)
+}
+
+pub fn status() -> v1::GetStatusResponse {
+    runtime().block_on(async {
+        client(&daemon().grpc)
+            .await
+            .expect("connect")
+            .get_status(v1::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+    })
+}
+
+pub fn stats(request: v1::GetStatsRequest) -> Vec<v1::StatsRow> {
+    runtime().block_on(async {
+        client(&daemon().grpc)
+            .await
+            .expect("connect")
+            .get_stats(request)
+            .await
+            .expect("stats")
+            .into_inner()
+            .rows
+    })
+}
+
+/// Server-role calls of one process, by command.
+pub fn server_calls(pid: u32) -> std::collections::BTreeMap<String, u64> {
+    let request = v1::GetStatsRequest {
+        allow: vec![v1::Filter {
+            pid,
+            role: v1::Role::Server as i32,
+            ..Default::default()
+        }],
+        group_by: vec![v1::GroupBy::Command as i32],
+        ..Default::default()
+    };
+    stats(request)
+        .into_iter()
+        .map(|row| (row.command, row.calls))
+        .collect()
+}
+
+/// Waits until `done` holds, for at most [`WAIT`].
+pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Waits until at least `n` Watch streams are open on the daemon.
+pub fn wait_for_subscribers(n: u32) {
+    wait_for(&format!("{n} watch subscribers"), || {
+        status().subscribers >= n
+    });
+}
+
+/// The `redisctl` binary next to `respwatchd`, built (or brought up to date) once per run:
+/// `cargo test -p respwatchd` alone does not build other packages' binaries.
+pub fn redisctl_path() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let exe = PathBuf::from(env!("CARGO_BIN_EXE_respwatchd"));
+            let profile_dir = exe.parent().expect("profile dir").to_path_buf();
+            let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
+            let mut build =
+                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
+            build
+                .args(["build", "-q", "-p", "redisctl"])
+                .env("CARGO_TARGET_DIR", &target_dir)
+                .current_dir(repo_root());
+            if profile_dir
+                .file_name()
+                .is_some_and(|name| name == "release")
+            {
+                build.arg("--release");
+            }
+            let status = build.status().expect("cargo build -p redisctl");
+            assert!(status.success(), "building redisctl failed");
+            profile_dir.join("redisctl")
+        })
+        .clone()
+}
+
+pub fn redisctl() -> Command {
+    let path = redisctl_path();
+    let mut command = Command::new(path);
+    command
+        .env("RESPWATCH_SERVER", &daemon().grpc)
+        .env("NO_COLOR", "1");
+    command
+}
+
+pub fn grpcurl_path() -> PathBuf {
+    let path = repo_root().join("target/test-env/venv/bin/grpcurl");
+    assert!(path.exists(), "grpcurl missing: run scripts/bootstrap.sh");
+    path
+}
+
+pub fn grpcurl(args: &[&str]) -> Output {
+    let out = Command::new(grpcurl_path())
+        .arg("-plaintext")
+        .args(args)
+        .output()
+        .expect("grpcurl");
+    assert!(
+        out.status.success(),
+        "grpcurl {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A plain HTTP/1.0 GET; returns the body (panics on non-200).
+pub fn http_get(addr: &str, path: &str) -> String {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
+    assert!(
+        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
+        "GET {path}: {head}"
+    );
+    body.to_owned()
+}
+
+pub fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+pub fn repo_root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port")
+}
+
+/// A real redis-server on a free loopback port, killed on drop.
+pub struct RedisServer {
+    pub port: u16,
+    child: Child,
+}
+
+impl RedisServer {
+    pub fn start(extra: &[&str]) -> Self {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args([
+                "--daemonize",
+                "no",
+                "--protected-mode",
+                "no",
+                "--loglevel",
+                "warning",
+                "--enable-debug-command",
+                "local",
+            ])
+            .args(extra)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed (run scripts/bootstrap.sh)");
+        let server = Self { port, child };
+        let deadline = Instant::now() + WAIT;
+        while server.cli(&["PING"]).stdout != b"PONG\n" {
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on {port} did not start"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        server
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli")
+    }
+
+    /// `INFO <section>` as key → value.
+    pub fn info(&self, section: &str) -> std::collections::BTreeMap<String, String> {
+        let out = self.cli(&["INFO", section]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter_map(|line| line.trim_end().split_once(':'))
+            .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    pub fn benchmark(&self, args: &[&str]) -> Output {
+        let out = Command::new("redis-benchmark")
+            .args(["-p", &self.port.to_string(), "-q"])
+            .args(args)
+            .output()
+            .expect("redis-benchmark");
+        assert!(
+            out.status.success(),
+            "redis-benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
