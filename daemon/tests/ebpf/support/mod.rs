@@ -164,6 +164,7 @@ impl Drop for Recording<'_> {
 pub struct Harness {
     pub seen: Arc<Mutex<Seen>>,
     pub shared: Arc<Shared>,
+    stop: tokio::sync::watch::Sender<bool>,
 }
 
 impl Harness {
@@ -195,7 +196,13 @@ impl Harness {
         })
     }
 
+    /// Stops the pipeline: the capture is dropped and its programs detached.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
     pub fn start(config: CaptureConfig) -> Harness {
+        let (stop, stopped) = tokio::sync::watch::channel(false);
         // Reserved up front: growing a vector of millions of chunks would stall the consumer
         // and overflow the ring, which is the test harness's cost, not the daemon's.
         let seen = Arc::new(Mutex::new(Seen {
@@ -214,7 +221,6 @@ impl Harness {
                 let capture = Capture::start(&config).expect("capture starts (tests run as root)");
                 let pipeline =
                     Pipeline::new(capture, PipelineConfig::default(), Attributor::default());
-                let (_stop, stopped) = tokio::sync::watch::channel(false);
                 ready_tx.send(pipeline.shared()).expect("ready");
                 pipeline
                     .run(stopped, move |event| {
@@ -242,7 +248,7 @@ impl Harness {
             });
         });
         let shared = ready_rx.recv_timeout(WAIT).expect("capture started");
-        Harness { seen, shared }
+        Harness { seen, shared, stop }
     }
 
     /// Chunks of processes `pid`, grouped into per-connection, per-direction streams.

@@ -1,0 +1,220 @@
+//! The `respwatchd` binary as a user runs it: it starts, attaches, detaches on SIGTERM/SIGINT
+//! leaving no program behind, and refuses clearly when it lacks privileges, tracefs, kernel
+//! features, or sane flags.
+use std::{
+    io::{BufRead, BufReader},
+    net::TcpListener,
+    process::{Child, Command, Output, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+const DAEMON: &str = env!("CARGO_BIN_EXE_respwatchd");
+/// Program names as `bpftool prog` shows them (the kernel keeps 15 characters).
+const OUR_PROGRAMS: &[&str] = &[
+    "sys_exit_io",
+    "sys_enter_close",
+    "sys_exit_new_so",
+    "sys_enter_conne",
+];
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("port")
+}
+
+fn daemon() -> Command {
+    let mut command = Command::new(DAEMON);
+    command
+        .args(["--grpc-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .env("RESPWATCH_LOG", "info");
+    command
+}
+
+/// How many of our programs are loaded in the kernel right now.
+fn our_programs_loaded() -> usize {
+    let out = Command::new("bpftool")
+        .args(["prog", "show"])
+        .output()
+        .expect("bpftool");
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.lines()
+        .filter(|line| {
+            line.contains("tracepoint") && OUR_PROGRAMS.iter().any(|name| line.contains(name))
+        })
+        .count()
+}
+
+/// Starts the daemon and waits (bounded) for its ready line; returns it with the log lines
+/// printed until then.
+fn start(mut command: Command) -> (Child, Vec<String>) {
+    let mut child = command
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("respwatchd");
+    let stderr = child.stderr.take().expect("stderr");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        // Keeps draining after the test stops listening: a closed stderr must not be what
+        // ends the daemon.
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut log = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .expect("respwatchd did not become ready");
+        if line.contains("respwatchd ready") {
+            return (child, log);
+        }
+        log.push(line);
+    }
+}
+
+fn signal(child: &Child, signal: libc::c_int) {
+    // SAFETY: sending a signal to our own child process.
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+}
+
+fn wait_bounded(mut child: Child) -> std::process::ExitStatus {
+    for _ in 0..300 {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("respwatchd did not exit within 15 s of the signal");
+}
+
+/// One test for both signals: two daemons at once would confuse the program count. The SIGINT
+/// run starts where tracefs is not mounted, as on a fresh machine: the daemon mounts it.
+#[test]
+fn detaches_everything_on_sigterm_and_sigint() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        let before = our_programs_loaded();
+        let command = if sig == libc::SIGTERM {
+            daemon()
+        } else {
+            in_mount_namespace(
+                "umount /sys/kernel/tracing && ! mountpoint -q /sys/kernel/tracing",
+                "",
+            )
+        };
+        let (child, log) = start(command);
+        if sig == libc::SIGINT {
+            assert!(
+                log.iter()
+                    .any(|l| l.contains("tracefs is not mounted; mounting it")),
+                "{log:?}"
+            );
+        }
+        assert!(
+            our_programs_loaded() >= before + OUR_PROGRAMS.len(),
+            "programs not attached"
+        );
+        signal(&child, sig);
+        let status = wait_bounded(child);
+        assert!(
+            status.success(),
+            "exit status after signal {sig}: {status:?}"
+        );
+        assert_eq!(
+            our_programs_loaded(),
+            before,
+            "programs left attached after signal {sig}"
+        );
+    }
+}
+
+fn run_to_failure(command: &mut Command) -> String {
+    let out: Output = command.stdout(Stdio::null()).output().expect("ran");
+    assert!(
+        !out.status.success(),
+        "respwatchd should have refused to run"
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn refuses_without_privileges() {
+    let mut command = Command::new("setpriv");
+    command.args([
+        "--reuid=65534",
+        "--regid=65534",
+        "--clear-groups",
+        "--inh-caps=-all",
+        "--bounding-set=-all",
+    ]);
+    command.arg(DAEMON).args([
+        "--grpc-listen",
+        "127.0.0.1:1",
+        "--metrics-listen",
+        "127.0.0.1:1",
+    ]);
+    let stderr = run_to_failure(&mut command);
+    assert!(
+        stderr.contains("needs root, or the capabilities CAP_BPF and CAP_PERFMON"),
+        "{stderr}"
+    );
+}
+
+/// Runs the daemon in a private mount namespace after `setup` (a shell snippet) changed it.
+fn in_mount_namespace(setup: &str, extra: &str) -> Command {
+    let mut command = Command::new("unshare");
+    command.args(["--mount", "--propagation", "private", "sh", "-c"]).arg(format!(
+        "{setup} && exec {DAEMON} --grpc-listen 127.0.0.1:{} --metrics-listen 127.0.0.1:{} {extra}",
+        free_port(),
+        free_port()
+    ));
+    command
+}
+
+#[test]
+fn explains_a_tracefs_it_cannot_mount() {
+    // /sys/kernel hidden under an empty tmpfs: no tracefs, and no directory to mount it on.
+    let stderr = run_to_failure(&mut in_mount_namespace(
+        "umount -l /sys/kernel/tracing 2>/dev/null; mount -t tmpfs none /sys/kernel",
+        "",
+    ));
+    assert!(
+        stderr.contains("tracefs is not mounted at /sys/kernel/tracing"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("mount -t tracefs tracefs /sys/kernel/tracing"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn explains_missing_syscall_tracepoints() {
+    // A tracefs without syscall events: what a kernel without CONFIG_FTRACE_SYSCALLS shows.
+    let stderr = run_to_failure(&mut in_mount_namespace(
+        "mount -t tmpfs none /sys/kernel/tracing && mkdir /sys/kernel/tracing/events",
+        "",
+    ));
+    assert!(stderr.contains("no syscall tracepoints"), "{stderr}");
+    assert!(stderr.contains("CONFIG_FTRACE_SYSCALLS"), "{stderr}");
+}
+
+#[test]
+fn rejects_bad_flags_before_touching_the_kernel() {
+    let stderr = run_to_failure(daemon().args(["--ring-bytes", "1000"]));
+    assert!(
+        stderr.contains("ring buffer size 1000 must be a power of two"),
+        "{stderr}"
+    );
+    let stderr = run_to_failure(daemon().args(["--keys", "everything"]));
+    assert!(stderr.contains("invalid key policy"), "{stderr}");
+    let stderr = run_to_failure(Command::new(DAEMON).args(["--grpc-listen", "nowhere"]));
+    assert!(stderr.contains("nowhere"), "{stderr}");
+    let stderr = run_to_failure(daemon().args(["--no-such-flag"]));
+    assert!(stderr.contains("unexpected argument"), "{stderr}");
+}
