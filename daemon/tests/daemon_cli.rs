@@ -66,15 +66,15 @@ fn start(mut command: Command) -> (Child, Vec<String>) {
         }
     });
     let mut log = Vec::new();
-    loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(30))
-            .expect("respwatchd did not become ready");
+    while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
         if line.contains("respwatchd ready") {
             return (child, log);
         }
         log.push(line);
     }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("respwatchd did not become ready: {log:?}");
 }
 
 fn signal(child: &Child, signal: libc::c_int) {
@@ -90,6 +90,7 @@ fn wait_bounded(mut child: Child) -> std::process::ExitStatus {
         std::thread::sleep(Duration::from_millis(50));
     }
     let _ = child.kill();
+    let _ = child.wait();
     panic!("respwatchd did not exit within 15 s of the signal");
 }
 

@@ -317,14 +317,6 @@ impl Harness {
     }
 }
 
-/// Reassembles a stream's copied bytes; uncopied stretches become `None` of their length.
-pub fn reassemble(chunks: &[StreamChunk]) -> Vec<(Vec<u8>, u64)> {
-    chunks
-        .iter()
-        .map(|c| (c.bytes.to_vec(), c.uncopied))
-        .collect()
-}
-
 /// Checks that the copied parts of `chunks`, at their stream offsets, equal `expected`, and
 /// that the lengths add up to exactly `expected.len()`.
 pub fn assert_stream_matches(chunks: &[StreamChunk], expected: &[u8], what: &str) {
