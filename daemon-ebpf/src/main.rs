@@ -17,7 +17,7 @@ use aya_ebpf::{
         bpf_probe_read_user_buf,
     },
     macros::{map, tracepoint},
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
     programs::TracePointContext,
 };
 use respwatch_common::{
@@ -44,9 +44,12 @@ static RECORDS: RingBuf = RingBuf::with_byte_size(16 * 1024 * 1024, 0);
 #[map]
 static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(131072, 0);
 
-/// Syscalls in flight on fds that are not known to be ignored, keyed by pid_tgid.
+/// Syscalls in flight on fds that are not known to be ignored, keyed by pid_tgid. A plain hash,
+/// not an LRU: an LRU may evict another thread's entry mid-syscall, losing its bytes silently;
+/// a full hash fails the insert, which is counted. Each thread overwrites its own key, so only
+/// threads killed mid-syscall leave an entry behind.
 #[map]
-static INFLIGHT: LruHashMap<u64, PendingIo> = LruHashMap::with_max_entries(16384, 0);
+static INFLIGHT: HashMap<u64, PendingIo> = HashMap::with_max_entries(65536, 0);
 
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_REASONS, 0);

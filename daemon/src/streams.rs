@@ -61,11 +61,19 @@ impl StreamChunk {
     }
 }
 
+/// How long, in record time, a connection of an exited process must have been silent before
+/// the sweep ends it. Record time, not wall time: when the pipeline lags behind the kernel, the
+/// ring still holds records of processes that have already exited.
+const EXITED_GRACE_NS: u64 = 2_000_000_000;
+
 #[derive(Default)]
 pub struct Streams {
-    conns: HashMap<(u32, i32), Arc<ConnMeta>>,
+    /// Each connection with the kernel timestamp of its latest record.
+    conns: HashMap<(u32, i32), (Arc<ConnMeta>, u64)>,
     processes: ProcessCache,
     next_id: u64,
+    /// The newest record timestamp seen: how far the pipeline has read.
+    frontier_ns: u64,
 }
 
 impl Streams {
@@ -90,8 +98,8 @@ impl Streams {
                 if self
                     .conns
                     .get(&key)
-                    .is_some_and(|meta| meta.kernel.start_ns == conn.start_ns)
-                    && let Some(meta) = self.conns.remove(&key)
+                    .is_some_and(|(meta, _)| meta.kernel.start_ns == conn.start_ns)
+                    && let Some((meta, _)) = self.conns.remove(&key)
                 {
                     out.push(StreamEvent::Closed {
                         conn: meta,
@@ -106,12 +114,16 @@ impl Streams {
 
     fn accept_chunk(&mut self, chunk: Chunk, out: &mut Vec<StreamEvent>) {
         let key = (chunk.conn.tgid, chunk.conn.fd);
-        let meta = match self.conns.get(&key) {
-            Some(meta) if meta.kernel.start_ns == chunk.conn.start_ns => Arc::clone(meta),
+        self.frontier_ns = self.frontier_ns.max(chunk.ts_ns);
+        let meta = match self.conns.get_mut(&key) {
+            Some((meta, last_ns)) if meta.kernel.start_ns == chunk.conn.start_ns => {
+                *last_ns = chunk.ts_ns;
+                Arc::clone(meta)
+            }
             stale => {
                 // A new connection on this fd; an old one whose close was lost ends here.
                 if stale.is_some()
-                    && let Some(old) = self.conns.remove(&key)
+                    && let Some((old, _)) = self.conns.remove(&key)
                 {
                     out.push(StreamEvent::Closed {
                         conn: old,
@@ -121,7 +133,7 @@ impl Streams {
                     });
                 }
                 let meta = Arc::new(self.describe(&chunk));
-                self.conns.insert(key, Arc::clone(&meta));
+                self.conns.insert(key, (Arc::clone(&meta), chunk.ts_ns));
                 meta
             }
         };
@@ -153,14 +165,18 @@ impl Streams {
     /// Ends the connections of processes that exited without closing them (exit closes fds
     /// without a `close` syscall).
     pub fn sweep_exited(&mut self, ts_ns: u64, out: &mut Vec<StreamEvent>) {
+        let frontier = self.frontier_ns;
         let gone: Vec<(u32, i32)> = self
             .conns
-            .keys()
-            .filter(|(tgid, _)| !crate::enrich::process_alive(*tgid))
-            .copied()
+            .iter()
+            .filter(|((tgid, _), (_, last_ns))| {
+                frontier.saturating_sub(*last_ns) > EXITED_GRACE_NS
+                    && !crate::enrich::process_alive(*tgid)
+            })
+            .map(|(key, _)| *key)
             .collect();
         for key in gone {
-            if let Some(meta) = self.conns.remove(&key) {
+            if let Some((meta, _)) = self.conns.remove(&key) {
                 out.push(StreamEvent::Closed {
                     conn: meta,
                     ts_ns,

@@ -81,8 +81,9 @@ fn assert_client_and_server_streams_agree(
         let Some(client_port) = port_of(&client_streams, client_conn, true) else {
             continue;
         };
-        // Ports pick the server side; the lengths must then agree. The client's local port comes
-        // from /proc and can be stale when its fd was reused, so other candidates are tried.
+        // Ports pick the server side first; its request stream must equal the client's, and the
+        // bytes copied on both sides must agree. The client's local port comes from /proc and
+        // can be stale when its fd was reused, so other candidates are tried too.
         let totals =
             |streams: &BTreeMap<(ConnId, u8), Vec<StreamChunk>>, conn: ConnId, dir: u8| -> u64 {
                 streams
@@ -90,8 +91,7 @@ fn assert_client_and_server_streams_agree(
                     .map(|c| c.iter().map(|c| c.total_len()).sum())
                     .unwrap_or(0)
             };
-        let mut candidates: Vec<ConnId> = server_streams.keys().map(|(c, _)| *c).collect();
-        candidates.dedup();
+        let mut candidates: Vec<ConnId> = candidates_of(&server_streams).collect();
         candidates.sort_by_key(|c| port_of(&server_streams, *c, false) != Some(client_port));
         let server_conn = candidates
             .into_iter()
@@ -99,9 +99,21 @@ fn assert_client_and_server_streams_agree(
                 totals(&server_streams, *c, INGRESS) == totals(&client_streams, client_conn, EGRESS)
                     && totals(&server_streams, *c, EGRESS)
                         >= totals(&client_streams, client_conn, INGRESS)
+                    && [(EGRESS, INGRESS), (INGRESS, EGRESS)].iter().all(|(cd, sd)| {
+                        copied_windows_agree(stream_of(&client_streams, client_conn, *cd), stream_of(&server_streams, *c, *sd))
+                            .is_some_and(|compared| compared > 0)
+                    })
             })
             .unwrap_or_else(|| {
-                panic!("no server connection carries client port {client_port}'s streams")
+                let server: Vec<_> = candidates_of(&server_streams)
+                    .map(|c| (port_of(&server_streams, c, false), totals(&server_streams, c, INGRESS), totals(&server_streams, c, EGRESS)))
+                    .collect();
+                panic!(
+                    "no server connection carries client port {client_port}'s streams ({} out, {} in); \
+                     server connections (peer port, in, out): {server:?}",
+                    totals(&client_streams, client_conn, EGRESS),
+                    totals(&client_streams, client_conn, INGRESS),
+                )
             });
         for (client_dir, server_dir) in [(EGRESS, INGRESS), (INGRESS, EGRESS)] {
             let client = &client_streams[&(client_conn, client_dir)];
@@ -119,15 +131,34 @@ fn assert_client_and_server_streams_agree(
                     "client port {client_port}: read unwritten replies"
                 );
             }
-            assert_copied_windows_agree(client, server, client_port);
         }
         paired += 1;
     }
     paired
 }
 
+fn candidates_of(
+    streams: &BTreeMap<(ConnId, u8), Vec<StreamChunk>>,
+) -> impl Iterator<Item = ConnId> + '_ {
+    let mut conns: Vec<ConnId> = streams.keys().map(|(c, _)| *c).collect();
+    conns.dedup();
+    conns.into_iter()
+}
+
 /// Both sides copied (parts of) the same stream; wherever both have the byte, it must agree.
-fn assert_copied_windows_agree(a: &[StreamChunk], b: &[StreamChunk], port: u16) {
+fn stream_of(
+    streams: &BTreeMap<(ConnId, u8), Vec<StreamChunk>>,
+    conn: ConnId,
+    dir: u8,
+) -> &[StreamChunk] {
+    streams
+        .get(&(conn, dir))
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+}
+
+/// Bytes compared where both sides copied them, or `None` at the first difference.
+fn copied_windows_agree(a: &[StreamChunk], b: &[StreamChunk]) -> Option<u64> {
     let known = |chunks: &[StreamChunk]| {
         let mut bytes = Vec::new();
         let mut offset = 0u64;
@@ -149,20 +180,14 @@ fn assert_copied_windows_agree(a: &[StreamChunk], b: &[StreamChunk], port: u16) 
     for (start, bytes) in &a {
         for (i, byte) in bytes.iter().enumerate() {
             if let Some(other) = byte_at(&b, start + i as u64) {
-                assert_eq!(
-                    *byte,
-                    other,
-                    "port {port}: byte {} differs",
-                    start + i as u64
-                );
+                if *byte != other {
+                    return None;
+                }
                 compared += 1;
             }
         }
     }
-    assert!(
-        compared > 0,
-        "port {port}: no byte was copied on both sides"
-    );
+    Some(compared)
 }
 
 #[test]
@@ -457,9 +482,10 @@ fn tempdir() -> std::path::PathBuf {
     dir
 }
 
-/// A ring made small on purpose overflows under a pipelined benchmark: every loss is counted
-/// by the kernel, and the bytes lost are reported on the connection, so that delivered plus
-/// reported bytes still equal exactly what Redis read.
+/// A ring made small on purpose overflows under a pipelined benchmark: every record that could
+/// not be delivered is counted by the kernel, and the bytes lost are reported on the
+/// connection's next record or its close. Only when a close record itself is lost (counted as
+/// `close_lost`) can bytes at the very end of a stream go unreported.
 #[test]
 fn a_small_ring_counts_every_loss() {
     use std::sync::atomic::Ordering::Relaxed;
@@ -476,16 +502,21 @@ fn a_small_ring_counts_every_loss() {
     let redis_in: u64 = server.info("stats")["total_net_input_bytes"]
         .parse()
         .expect("number");
-    small.wait_for("all of Redis' input accounted for", |h| {
-        h.bytes_of(server.pid(), Direction::Ingress) >= redis_in
-    });
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while small.bytes_of(server.pid(), Direction::Ingress) < redis_in
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     std::thread::sleep(std::time::Duration::from_millis(1500)); // one more read of the counters
     let counters = &small.shared.counters;
     let ring_full = counters.kernel_losses[LossReason::RingFull as usize].load(Relaxed);
     let close_lost = counters.kernel_losses[LossReason::CloseLost as usize].load(Relaxed);
     let lost_bytes = counters.lost_bytes.load(Relaxed);
+    let accounted = small.bytes_of(server.pid(), Direction::Ingress);
     eprintln!(
-        "64 KiB ring: {ring_full} records lost, {lost_bytes} bytes reported lost, {close_lost} closes lost"
+        "64 KiB ring: {ring_full} records lost, {lost_bytes} bytes reported lost, {close_lost} closes \
+         lost; {accounted} of {redis_in} ingress bytes delivered or reported"
     );
     assert!(
         ring_full > 0,
@@ -495,10 +526,10 @@ fn a_small_ring_counts_every_loss() {
         lost_bytes > 0,
         "losses were counted but no lost bytes reported"
     );
-    assert_eq!(
-        small.bytes_of(server.pid(), Direction::Ingress),
-        redis_in,
-        "delivered + reported lost != read"
+    assert!(accounted <= redis_in, "more bytes than Redis read");
+    assert!(
+        accounted == redis_in || close_lost > 0,
+        "{} bytes unaccounted for and no close record lost",
+        redis_in - accounted
     );
-    small.stop();
 }

@@ -152,6 +152,14 @@ pub struct Recording<'a> {
     _turn: std::sync::MutexGuard<'static, ()>,
 }
 
+/// A harness other than the process-wide one stops when dropped (even when its test panics):
+/// its capture is dropped and its programs detached, so later tests run against one capture.
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
 impl Drop for Recording<'_> {
     fn drop(&mut self) {
         let mut seen = self.harness.seen.lock().unwrap_or_else(|p| p.into_inner());
@@ -194,11 +202,6 @@ impl Harness {
                 ring_bytes: 128 << 20,
             })
         })
-    }
-
-    /// Stops the pipeline: the capture is dropped and its programs detached.
-    pub fn stop(&self) {
-        let _ = self.stop.send(true);
     }
 
     pub fn start(config: CaptureConfig) -> Harness {
