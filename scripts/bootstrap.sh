@@ -4,7 +4,8 @@
 #
 # Installs: the nightly Rust toolchain with rust-src (eBPF builds need -Z build-std=core),
 # LLVM 22 and bpf-linker built against it, redis-server/redis-tools, bpftool, and the real peers
-# the tests drive (redis-py, a node client). Mounts tracefs when it is missing.
+# the tests drive (redis-py, a node client), and kubernetes-validate for the deploy/ manifests.
+# Mounts tracefs when it is missing.
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
@@ -90,6 +91,16 @@ ensure_api_peers() {
   fi
 }
 
+# The deployment test's validator: kubernetes-validate (PyPI) checks deploy/ offline against the
+# Kubernetes OpenAPI schemas.
+ensure_deploy_peers() {
+  local py="$root_dir/target/test-env/venv"
+  if [ ! -x "$py/bin/kubernetes-validate" ]; then
+    log "kubernetes-validate into the test venv"
+    "$py/bin/pip" install -q kubernetes-validate
+  fi
+}
+
 ensure_tracefs() {
   if ! mountpoint -q /sys/kernel/tracing; then
     log "mounting tracefs at /sys/kernel/tracing"
@@ -102,5 +113,6 @@ ensure_rust
 ensure_tracefs
 ensure_peers
 ensure_api_peers
+ensure_deploy_peers
 ensure_bpf_linker
 log "ready"

@@ -4,7 +4,13 @@ use std::{collections::HashMap, fs, path::Path, sync::Arc};
 
 use respwatch_resp::correlate::Role;
 
-use crate::{aggregate::RowKey, capture::comm_str, event::CommandEvent, sockets::SocketAddrs};
+use crate::{
+    aggregate::RowKey,
+    capture::comm_str,
+    event::CommandEvent,
+    kube::{Labels, PodIndex, PodMeta},
+    sockets::SocketAddrs,
+};
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Process {
@@ -162,21 +168,74 @@ pub struct Attribution {
     pub container: String,
 }
 
-/// Maps processes to their attribution and events to aggregation rows.
+/// Maps processes to their attribution and events to aggregation rows. Without a pod index
+/// (Kubernetes off) it attributes processes to containers only; with one, it resolves pod UID
+/// and container id to names on every lookup (misses are never cached, so an event whose pod
+/// is not known yet is attributed fully once the watcher has it).
 #[derive(Clone, Debug, Default)]
-pub struct Attributor {}
+pub struct Attributor {
+    pods: Option<Arc<PodIndex>>,
+    /// `--namespaces`: when not empty, only these namespaces' pods are observed.
+    namespaces: Arc<Vec<String>>,
+}
 
 impl Attributor {
+    pub fn new(pods: Option<Arc<PodIndex>>, namespaces: Vec<String>) -> Self {
+        Self {
+            pods,
+            namespaces: Arc::new(namespaces),
+        }
+    }
+
+    pub fn pods(&self) -> Option<&Arc<PodIndex>> {
+        self.pods.as_ref()
+    }
+
+    /// `GetStatus.kubernetes_sync`: `disabled` without Kubernetes, else the watcher's state.
+    pub fn sync_state(&self) -> String {
+        self.pods
+            .as_ref()
+            .map_or_else(|| "disabled".to_owned(), |pods| pods.sync_state())
+    }
+
+    /// The pod a process runs in, by pod UID (from its cgroup) or else by container id.
+    pub fn pod_of(&self, process: &Process) -> Option<Arc<PodMeta>> {
+        let pods = self.pods.as_ref()?;
+        process
+            .pod_uid
+            .as_deref()
+            .and_then(|uid| pods.by_uid(uid))
+            .or_else(|| {
+                process
+                    .container_id
+                    .as_deref()
+                    .and_then(|id| pods.by_container(id))
+            })
+    }
+
     pub fn attribution(&self, process: &Process) -> Attribution {
-        Attribution {
-            namespace: String::new(),
-            pod: String::new(),
-            container: process
-                .container_id
-                .as_deref()
-                .map(short_id)
-                .unwrap_or_default()
-                .to_owned(),
+        let short = process
+            .container_id
+            .as_deref()
+            .map(short_id)
+            .unwrap_or_default()
+            .to_owned();
+        match self.pod_of(process) {
+            Some(pod) => Attribution {
+                namespace: pod.namespace.clone(),
+                pod: pod.name.clone(),
+                container: process
+                    .container_id
+                    .as_deref()
+                    .and_then(|id| pod.containers.get(id))
+                    .cloned()
+                    .unwrap_or(short),
+            },
+            None => Attribution {
+                namespace: String::new(),
+                pod: String::new(),
+                container: short,
+            },
         }
     }
 
@@ -193,6 +252,82 @@ impl Attributor {
             peer: peer_label(event),
             command: event.command.clone(),
         }
+    }
+
+    /// Whether `--namespaces` lets this event through (always, without a scope). With a
+    /// scope, events of host processes and of pods not known (yet) are left out.
+    pub fn in_scope(&self, event: &CommandEvent) -> bool {
+        if self.namespaces.is_empty() {
+            return true;
+        }
+        self.pod_of(&event.conn.process)
+            .is_some_and(|pod| self.namespaces.contains(&pod.namespace))
+    }
+
+    /// A row recorded before its pod (or container name) was known, with the names known now:
+    /// stats and metrics catch up once the watcher does. `None`: nothing to change.
+    pub fn resolve_row(&self, key: &RowKey) -> Option<RowKey> {
+        let pods = self.pods.as_ref()?;
+        let unresolved =
+            key.container.len() == 12 && key.container.chars().all(|c| c.is_ascii_hexdigit());
+        if !unresolved {
+            return None;
+        }
+        let pod = pods.by_container(&key.container)?;
+        if !key.pod.is_empty() && (key.pod != pod.name || key.namespace != pod.namespace) {
+            return None;
+        }
+        let container = pod
+            .containers
+            .iter()
+            .find(|(id, _)| id.starts_with(&key.container))
+            .map(|(_, name)| name.clone())?;
+        Some(RowKey {
+            namespace: pod.namespace.clone(),
+            pod: pod.name.clone(),
+            container,
+            ..key.clone()
+        })
+    }
+
+    /// A pod by namespace and name (deleted ones during their grace period included).
+    pub fn pod(&self, namespace: &str, name: &str) -> Option<Arc<PodMeta>> {
+        if name.is_empty() {
+            return None;
+        }
+        self.pods.as_ref()?.by_name(namespace, name)
+    }
+
+    /// The pod's labels (none when unknown).
+    pub fn labels(&self, namespace: &str, name: &str) -> Arc<Labels> {
+        self.pod(namespace, name)
+            .map(|pod| Arc::clone(&pod.labels))
+            .unwrap_or_default()
+    }
+
+    /// `namespace/name` of the pod with the IP of a peer (`ip` or `ip:port`), if any.
+    pub fn peer_pod(&self, peer: &str) -> String {
+        let Some(pods) = self.pods.as_ref() else {
+            return String::new();
+        };
+        let ip = peer
+            .parse::<std::net::SocketAddr>()
+            .map(|a| a.ip())
+            .or_else(|_| peer.parse::<std::net::IpAddr>());
+        ip.ok()
+            .and_then(|ip| pods.by_ip(&ip))
+            .map(|pod| format!("{}/{}", pod.namespace, pod.name))
+            .unwrap_or_default()
+    }
+
+    /// Whether a row belongs to a pod that is gone for good: attributed to a pod the (synced)
+    /// watcher no longer knows, its deletion grace period over. Such rows expire like rows of
+    /// exited processes.
+    pub fn pod_gone(&self, key: &RowKey) -> bool {
+        let Some(pods) = self.pods.as_ref() else {
+            return false;
+        };
+        !key.pod.is_empty() && pods.is_synced() && pods.by_name(&key.namespace, &key.pod).is_none()
     }
 }
 
@@ -211,5 +346,95 @@ fn peer_label(event: &CommandEvent) -> String {
         Some(SocketAddrs::Unix { path }) if !path.is_empty() => format!("unix:{path}"),
         Some(SocketAddrs::Unix { .. }) => "unix".to_owned(),
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod attributor_tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::kube::PodMeta;
+
+    const ID: &str = "4f0a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a";
+    const UID: &str = "0f4e2b1a-9c8d-4e7f-a6b5-c4d3e2f1a0b9";
+
+    fn process() -> Process {
+        Process {
+            pid: 42,
+            comm: "app".into(),
+            cgroup_id: 7,
+            cgroup_path: None,
+            container_id: Some(ID.into()),
+            pod_uid: Some(UID.into()),
+        }
+    }
+
+    fn web() -> PodMeta {
+        PodMeta {
+            uid: UID.into(),
+            namespace: "prod".into(),
+            name: "web-1".into(),
+            containers: [(ID.to_owned(), "app".to_owned())].into(),
+            ..PodMeta::default()
+        }
+    }
+
+    fn key(namespace: &str, pod: &str, container: &str) -> RowKey {
+        RowKey {
+            role: Role::Client,
+            namespace: namespace.into(),
+            pod: pod.into(),
+            container: container.into(),
+            pid: 42,
+            comm: "app".into(),
+            peer: String::new(),
+            command: "get".into(),
+        }
+    }
+
+    #[test]
+    fn without_kubernetes_containers_only() {
+        let attributor = Attributor::default();
+        assert_eq!(attributor.sync_state(), "disabled");
+        let who = attributor.attribution(&process());
+        assert_eq!((who.namespace.as_str(), who.pod.as_str()), ("", ""));
+        assert_eq!(who.container, &ID[..12]);
+        assert!(!attributor.pod_gone(&key("prod", "web-1", "app")));
+    }
+
+    #[test]
+    fn misses_are_retried_and_rows_catch_up() {
+        let index = Arc::new(PodIndex::new(Duration::from_millis(30)));
+        let attributor = Attributor::new(Some(Arc::clone(&index)), Vec::new());
+        // Not known yet: container-level attribution, and no cached miss.
+        assert_eq!(attributor.attribution(&process()).pod, "");
+        let early = key("", "", &ID[..12]);
+        assert_eq!(attributor.resolve_row(&early), None);
+        index.apply(web());
+        let who = attributor.attribution(&process());
+        assert_eq!(
+            (
+                who.namespace.as_str(),
+                who.pod.as_str(),
+                who.container.as_str()
+            ),
+            ("prod", "web-1", "app")
+        );
+        assert_eq!(
+            attributor.resolve_row(&early),
+            Some(key("prod", "web-1", "app"))
+        );
+        assert_eq!(attributor.resolve_row(&key("prod", "web-1", "app")), None);
+        // Deleted: still named during the grace period; gone (for expiry) after it, once synced.
+        index.set_sync_state("synced");
+        index.delete(UID);
+        assert_eq!(attributor.attribution(&process()).pod, "web-1");
+        assert!(!attributor.pod_gone(&key("prod", "web-1", "app")));
+        std::thread::sleep(Duration::from_millis(40));
+        assert!(attributor.pod_gone(&key("prod", "web-1", "app")));
+        assert!(!attributor.pod_gone(&key("", "", "app")));
+        index.set_sync_state("unreachable: test");
+        assert!(!attributor.pod_gone(&key("prod", "web-1", "app")));
     }
 }

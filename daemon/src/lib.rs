@@ -6,6 +6,7 @@ pub mod capture;
 pub mod decode;
 pub mod enrich;
 pub mod event;
+pub mod kube;
 pub mod pipeline;
 pub mod serve;
 pub mod sockets;

@@ -1,6 +1,10 @@
 //! `respwatchd`: the respwatch node daemon.
 use std::{
-    net::SocketAddr, path::PathBuf, process::ExitCode, sync::atomic::Ordering, time::Duration,
+    net::SocketAddr,
+    path::PathBuf,
+    process::ExitCode,
+    sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use clap::Parser;
@@ -9,6 +13,7 @@ use respwatchd::{
     capture::{Capture, CaptureConfig},
     enrich::Attributor,
     event::KeyPolicy,
+    kube::{self as kubernetes, KubeConfig, Mode, PodIndex},
     pipeline::{Pipeline, PipelineConfig},
     serve::{ListenAddr, MetricLabels, ServeConfig, Servers, TlsFiles},
 };
@@ -35,7 +40,8 @@ struct Args {
     /// Where Prometheus scrapes `/metrics`: `host:port`.
     #[arg(long, env = "RESPWATCH_METRICS_LISTEN", default_value = "127.0.0.1:9464", value_parser = respwatchd::serve::resolve)]
     metrics_listen: SocketAddr,
-    /// Labels of per-command metrics, from namespace,pod,container,pid,comm,role,command,peer.
+    /// Labels of per-command metrics, from namespace,pod,container,pid,comm,role,command,peer,
+    /// workload.
     /// Key names are never labels.
     #[arg(long, env = "RESPWATCH_METRICS_LABELS", default_value_t = MetricLabels::default())]
     metrics_labels: MetricLabels,
@@ -57,6 +63,26 @@ struct Args {
     /// PEM CA: when set, gRPC clients must present a certificate it signed.
     #[arg(long, env = "RESPWATCH_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Kubernetes pod metadata: `auto` (on with --kubeconfig or inside a cluster), `on`, `off`.
+    #[arg(long, env = "RESPWATCH_KUBERNETES", default_value_t = Mode::Auto)]
+    kubernetes: Mode,
+    /// Kubeconfig file for the pod watcher (default inside a cluster: the service account).
+    #[arg(long, env = "RESPWATCH_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Only observe pods of these namespaces (comma-separated; default: everything). Host
+    /// processes and pods not known yet are then left out. Filtered in user space.
+    #[arg(long, env = "RESPWATCH_NAMESPACES", value_delimiter = ',')]
+    namespaces: Vec<String>,
+    /// Seconds a deleted pod stays resolvable (its last commands keep their names).
+    #[arg(long, env = "RESPWATCH_POD_GRACE_SECONDS", default_value_t = 60)]
+    pod_grace_seconds: u64,
+    /// Longest pause, in seconds, between attempts to reach the Kubernetes API server.
+    #[arg(
+        long,
+        env = "RESPWATCH_KUBERNETES_RETRY_MAX_SECONDS",
+        default_value_t = 10
+    )]
+    kubernetes_retry_max_seconds: u64,
     /// Log filter, e.g. `info` or `respwatchd=debug`.
     #[arg(long, env = "RESPWATCH_LOG", default_value = "info")]
     log: String,
@@ -100,6 +126,28 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let namespaces: Vec<String> = args
+        .namespaces
+        .iter()
+        .map(|n| n.trim().to_owned())
+        .filter(|n| !n.is_empty())
+        .collect();
+    let kube_config = KubeConfig {
+        mode: args.kubernetes,
+        kubeconfig: args.kubeconfig.clone(),
+        node_name: args.node_name.clone(),
+        pod_grace: Duration::from_secs(args.pod_grace_seconds),
+        retry_max: Duration::from_secs(args.kubernetes_retry_max_seconds.max(1)),
+    };
+    let kube_client = kubernetes::client(&kube_config).await?;
+    if kube_client.is_none() && !namespaces.is_empty() {
+        anyhow::bail!(
+            "--namespaces needs Kubernetes pod metadata: pass --kubeconfig, run in a cluster or use --kubernetes on"
+        );
+    }
+    let pods = kube_client
+        .as_ref()
+        .map(|_| Arc::new(PodIndex::new(kube_config.pod_grace)));
     let capture = Capture::start(&CaptureConfig {
         ring_bytes: args.ring_bytes,
     })?;
@@ -114,7 +162,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         subscriber_queue: 65_536,
         ..PipelineConfig::default()
     };
-    let pipeline = Pipeline::new(capture, config, Attributor::default());
+    let pipeline = Pipeline::new(capture, config, Attributor::new(pods.clone(), namespaces));
     let tls = match (args.tls_cert, args.tls_key) {
         (Some(cert), Some(key)) => Some(TlsFiles {
             cert,
@@ -138,6 +186,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut interrupt = signal(SignalKind::interrupt())?;
     let shared = pipeline.shared();
     let counters = &shared.counters;
+    let watcher = match (kube_client, pods) {
+        (Some(client), Some(pods)) => {
+            tracing::info!(node = %kube_config.node_name, "watching this node's pods");
+            Some(kubernetes::start(
+                client,
+                &kube_config,
+                pods,
+                stopped.clone(),
+            ))
+        }
+        _ => None,
+    };
     let task = tokio::spawn(pipeline.run(stopped, |_| {}));
     tracing::info!("respwatchd ready");
     tokio::select! {
@@ -148,6 +208,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     servers.shutdown().await?;
     // The pipeline owns the capture: when it returns, the programs are detached.
     task.await??;
+    if let Some(watcher) = watcher {
+        let _ = watcher.await;
+    }
     tracing::info!(
         records = counters.records.load(Ordering::Relaxed),
         chunks = counters.chunks.load(Ordering::Relaxed),

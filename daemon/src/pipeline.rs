@@ -165,10 +165,13 @@ impl Pipeline {
     }
 
     fn publish(&self, events: &mut Vec<CommandEvent>) {
+        let shared = &self.shared;
+        // `--namespaces`: out-of-scope events go no further (user space; not filtered in the
+        // kernel).
+        events.retain(|event| shared.attributor.in_scope(event));
         if events.is_empty() {
             return;
         }
-        let shared = &self.shared;
         shared
             .counters
             .events

@@ -145,6 +145,8 @@ pub fn event_json(message: &v1::WatchResponse, event: &v1::CommandEvent) -> serd
         "namespace": event.namespace,
         "pod": event.pod,
         "container": event.container,
+        "workload": event.workload,
+        "workload_kind": event.workload_kind,
         "pid": event.pid,
         "comm": event.comm,
         "command": event.command,
@@ -159,6 +161,7 @@ pub fn event_json(message: &v1::WatchResponse, event: &v1::CommandEvent) -> serd
         "reply_bytes": event.reply_bytes,
         "local_addr": event.local_addr,
         "peer_addr": event.peer_addr,
+        "peer_pod": event.peer_pod,
         "connection": event.connection,
         "in_transaction": event.in_transaction,
     })

@@ -4,6 +4,7 @@ use respwatch_resp::correlate::Role;
 
 use crate::{
     aggregate::{GroupBy, RowKey, RowStats},
+    enrich::Attributor,
     event::{CommandEvent, outcome_name},
     sockets::SocketAddrs,
 };
@@ -15,8 +16,9 @@ pub fn role(role: Role) -> v1::Role {
     }
 }
 
-pub fn event(key: &RowKey, event: &CommandEvent) -> v1::CommandEvent {
+pub fn event(key: &RowKey, event: &CommandEvent, attributor: &Attributor) -> v1::CommandEvent {
     let process = &event.conn.process;
+    let (workload, workload_kind) = workload(key, attributor);
     let (local_addr, peer_addr) = match &event.conn.socket {
         Some(SocketAddrs::Tcp { local, peer }) => (local.to_string(), peer.to_string()),
         Some(SocketAddrs::Unix { path }) => (format!("unix:{path}"), format!("unix:{path}")),
@@ -37,7 +39,7 @@ pub fn event(key: &RowKey, event: &CommandEvent) -> v1::CommandEvent {
         comm: process.comm.clone(),
         container_id: process.container_id.clone().unwrap_or_default(),
         local_addr,
-        peer_addr,
+        peer_addr: peer_addr.clone(),
         command: event.command.clone(),
         key: event.key.clone().unwrap_or_default(),
         argc: event.argc,
@@ -52,10 +54,14 @@ pub fn event(key: &RowKey, event: &CommandEvent) -> v1::CommandEvent {
         pipeline_depth: event.pipeline_depth,
         in_transaction: event.in_transaction,
         connection: event.conn.id.0,
+        workload,
+        workload_kind,
+        peer_pod: attributor.peer_pod(&peer_addr),
     }
 }
 
-pub fn row(key: &RowKey, stats: &RowStats) -> v1::StatsRow {
+pub fn row(key: &RowKey, stats: &RowStats, attributor: &Attributor) -> v1::StatsRow {
+    let (workload, workload_kind) = workload(key, attributor);
     let usec = |ns: u64| ns as f64 / 1000.0;
     v1::StatsRow {
         command: key.command.clone(),
@@ -78,7 +84,36 @@ pub fn row(key: &RowKey, stats: &RowStats) -> v1::StatsRow {
         bytes_in: stats.bytes_in,
         bytes_out: stats.bytes_out,
         errors: stats.errors.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+        workload,
+        workload_kind,
+        peer_pod: attributor.peer_pod(&key.peer),
     }
+}
+
+/// The owning workload's name and kind of the row's pod (empty when not known).
+pub fn workload(key: &RowKey, attributor: &Attributor) -> (String, String) {
+    attributor
+        .pod(&key.namespace, &key.pod)
+        .map(|pod| (pod.workload.clone(), pod.workload_kind.clone()))
+        .unwrap_or_default()
+}
+
+/// Rows as they are known now: a row recorded before its pod's metadata arrived gets the
+/// names the watcher has since learnt (rows that resolve to one key are merged).
+pub fn current_rows(
+    rows: Vec<(RowKey, RowStats)>,
+    attributor: &Attributor,
+) -> Vec<(RowKey, RowStats)> {
+    if attributor.pods().is_none() {
+        return rows;
+    }
+    let mut merged: std::collections::HashMap<RowKey, RowStats> =
+        std::collections::HashMap::with_capacity(rows.len());
+    for (key, stats) in rows {
+        let key = attributor.resolve_row(&key).unwrap_or(key);
+        merged.entry(key).or_default().merge(&stats);
+    }
+    merged.into_iter().collect()
 }
 
 /// The default grouping: everything but the peer.

@@ -1,7 +1,7 @@
 //! `respwatch.v1.Filter`s, parsed once per request and applied to events (Watch) and to
 //! aggregation rows (GetStats). Fields inside one filter AND; filters in a list OR; the result
 //! is allow − deny.
-use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use respwatch_proto::v1;
 use respwatch_resp::correlate::Role;
@@ -9,12 +9,13 @@ use tonic::Status;
 
 use crate::{
     aggregate::{RowKey, RowStats},
+    enrich::Attributor,
     event::CommandEvent,
 };
 
-/// Pod labels. Pods carry none until Kubernetes metadata arrives; selectors are still parsed
-/// and applied (to an empty label set).
-pub type Labels = BTreeMap<String, String>;
+/// Pod labels, from the pod watcher (none for host processes and pods not known yet, and
+/// without Kubernetes).
+pub use crate::kube::Labels;
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Filter {
@@ -297,8 +298,30 @@ impl FilterSet {
         self.allow.is_empty() || self.allow.iter().any(|f| f.may_match(event))
     }
 
-    pub fn allows_event(&self, key: &RowKey, event: &CommandEvent) -> bool {
-        let labels = Labels::new();
+    /// Whether any filter has a label selector (labels are looked up only then).
+    fn uses_labels(&self) -> bool {
+        self.allow
+            .iter()
+            .chain(&self.deny)
+            .any(|f| !f.labels.is_empty())
+    }
+
+    /// The pod's labels, when a selector needs them.
+    fn labels_of(&self, key: &RowKey, attributor: &Attributor) -> Arc<Labels> {
+        if self.uses_labels() {
+            attributor.labels(&key.namespace, &key.pod)
+        } else {
+            Arc::default()
+        }
+    }
+
+    pub fn allows_event(
+        &self,
+        key: &RowKey,
+        event: &CommandEvent,
+        attributor: &Attributor,
+    ) -> bool {
+        let labels = self.labels_of(key, attributor);
         (self.allow.is_empty()
             || self
                 .allow
@@ -310,8 +333,8 @@ impl FilterSet {
                 .any(|f| f.matches_event(key, event, &labels))
     }
 
-    pub fn allows_row(&self, key: &RowKey, stats: &RowStats) -> bool {
-        let labels = Labels::new();
+    pub fn allows_row(&self, key: &RowKey, stats: &RowStats, attributor: &Attributor) -> bool {
+        let labels = self.labels_of(key, attributor);
         (self.allow.is_empty()
             || self
                 .allow

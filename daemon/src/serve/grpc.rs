@@ -85,10 +85,12 @@ impl v1::observer_server::Observer for Observer {
                 .map_err(|_| Status::internal("aggregator poisoned"))?;
             aggregator.query(|_| true, &convert::ALL_GROUP_BY, window)
         };
+        let attributor = &self.shared().attributor;
+        let full = convert::current_rows(full, attributor);
         let mut grouped: HashMap<_, crate::aggregate::RowStats> = HashMap::new();
         for (key, stats) in full
             .iter()
-            .filter(|(key, stats)| filters.allows_row(key, stats))
+            .filter(|(key, stats)| filters.allows_row(key, stats, attributor))
         {
             grouped
                 .entry(convert::project(key, &group_by))
@@ -97,7 +99,7 @@ impl v1::observer_server::Observer for Observer {
         }
         let mut rows: Vec<v1::StatsRow> = grouped
             .iter()
-            .map(|(key, stats)| convert::row(key, stats))
+            .map(|(key, stats)| convert::row(key, stats, attributor))
             .collect();
         rows.sort_by(|a, b| {
             b.calls.cmp(&a.calls).then_with(|| {
@@ -179,7 +181,7 @@ pub fn status(state: &ServeState) -> v1::GetStatusResponse {
         losses,
         tracked_connections: load(&counters.tracked_connections),
         subscribers: load(&state.subscribers) as u32,
-        kubernetes_sync: "disabled".to_owned(),
+        kubernetes_sync: state.shared.attributor.sync_state(),
         started: Some(timestamp(state.started_unix_ns)),
         stats_rows,
         lost_bytes: load(&counters.lost_bytes),

@@ -20,6 +20,7 @@ use tokio::{
 use super::{ServeState, convert, stopped};
 use crate::{
     aggregate::{GroupBy, RowKey, RowStats},
+    enrich::Attributor,
     event::role_name,
 };
 
@@ -40,10 +41,13 @@ pub enum Label {
     Role,
     Command,
     Peer,
+    /// The pod's owning workload (Deployment, StatefulSet...): one value per pod, so no more
+    /// series than `pod`.
+    Workload,
 }
 
 impl Label {
-    const ALL: [(Label, &'static str); 8] = [
+    const ALL: [(Label, &'static str); 9] = [
         (Label::Namespace, "namespace"),
         (Label::Pod, "pod"),
         (Label::Container, "container"),
@@ -52,6 +56,7 @@ impl Label {
         (Label::Role, "role"),
         (Label::Command, "command"),
         (Label::Peer, "peer"),
+        (Label::Workload, "workload"),
     ];
 
     fn name(self) -> &'static str {
@@ -62,8 +67,9 @@ impl Label {
             .unwrap_or_default()
     }
 
-    fn value(self, key: &RowKey) -> String {
+    fn value(self, key: &RowKey, attributor: &Attributor) -> String {
         match self {
+            Label::Workload => convert::workload(key, attributor).0,
             Label::Namespace => key.namespace.clone(),
             Label::Pod => key.pod.clone(),
             Label::Container => key.container.clone(),
@@ -88,6 +94,7 @@ impl Default for MetricLabels {
             Label::Container,
             Label::Role,
             Label::Command,
+            Label::Workload,
         ])
     }
 }
@@ -137,6 +144,7 @@ impl MetricLabels {
                 Label::Role => GroupBy::Role,
                 Label::Command => GroupBy::Command,
                 Label::Peer => GroupBy::Peer,
+                Label::Workload => GroupBy::Pod,
             })
             .collect()
     }
@@ -177,13 +185,15 @@ pub fn render(state: &ServeState, chosen: &MetricLabels) -> String {
         };
         aggregator.query(|_| true, &convert::ALL_GROUP_BY, None)
     };
+    let attributor = &state.shared.attributor;
+    let rows = convert::current_rows(rows, attributor);
     // Sum rows by the exported label values (what is not exported is summed over).
     let mut series: BTreeMap<Vec<String>, RowStats> = BTreeMap::new();
     let group_by = chosen.group_by();
     for (key, stats) in &rows {
         let key = convert::project(key, &group_by);
         series
-            .entry(chosen.0.iter().map(|l| l.value(&key)).collect())
+            .entry(chosen.0.iter().map(|l| l.value(&key, attributor)).collect())
             .or_default()
             .merge(stats);
     }
@@ -278,8 +288,45 @@ pub fn render(state: &ServeState, chosen: &MetricLabels) -> String {
     out
 }
 
+/// The pod watcher: whether it is in sync, and one info series per known pod (to join pod
+/// labels and workloads onto the command series in PromQL).
+fn render_kubernetes(out: &mut String, state: &ServeState) {
+    let Some(pods) = state.shared.attributor.pods() else {
+        return;
+    };
+    header(
+        out,
+        "respwatch_kubernetes_synced",
+        "gauge",
+        "1 when the node's pod watcher is in sync with the API server.",
+    );
+    let _ = writeln!(
+        out,
+        "respwatch_kubernetes_synced {}",
+        u8::from(pods.is_synced())
+    );
+    header(
+        out,
+        "respwatch_pod_info",
+        "gauge",
+        "Pods on this node the daemon knows: namespace, pod, workload and its kind.",
+    );
+    let mut known = pods.pods();
+    known.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+    for pod in known {
+        let pairs = [
+            ("namespace", pod.namespace.clone()),
+            ("pod", pod.name.clone()),
+            ("workload", pod.workload.clone()),
+            ("workload_kind", pod.workload_kind.clone()),
+        ];
+        let _ = writeln!(out, "respwatch_pod_info{} 1", labels(&pairs));
+    }
+}
+
 /// The daemon's own counters: losses by source, connections, events, subscribers.
 fn render_daemon(out: &mut String, state: &ServeState) {
+    render_kubernetes(out, state);
     let counters = &state.shared.counters;
     let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
     header(
@@ -496,7 +543,7 @@ mod tests {
             vec![Label::Role, Label::Command]
         );
         assert_eq!(
-            "namespace,pod,container,role,command"
+            "namespace,pod,container,role,command,workload"
                 .parse::<MetricLabels>()
                 .unwrap(),
             MetricLabels::default()

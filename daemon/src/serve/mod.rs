@@ -185,7 +185,12 @@ async fn expire_rows(
         tokio::select! {
             _ = tick.tick() => {
                 if let Ok(mut aggregator) = state.shared.aggregator.lock() {
-                    aggregator.expire(now_unix_ns(), grace.as_nanos() as u64, |key| process_alive(key.pid));
+                    let attributor = &state.shared.attributor;
+                    // Rows of exited processes, and of pods deleted longer than the pod grace
+                    // period ago, expire once idle for `grace`.
+                    aggregator.expire(now_unix_ns(), grace.as_nanos() as u64, |key| {
+                        process_alive(key.pid) && !attributor.pod_gone(key)
+                    });
                 }
             }
             _ = stop.changed() => return Ok(()),

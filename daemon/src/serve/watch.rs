@@ -38,7 +38,7 @@ pub fn subscribe(state: Arc<ServeState>, filters: FilterSet, last: usize) -> Rec
         let mut matching: Vec<Arc<CommandEvent>> = history
             .iter()
             .rev()
-            .filter(|e| filters.allows_event(&state.shared.row_key(e), e))
+            .filter(|e| filters.allows_event(&state.shared.row_key(e), e, &state.shared.attributor))
             .take(last)
             .cloned()
             .collect();
@@ -178,7 +178,10 @@ impl Subscriber {
             return Flow::Continue;
         }
         let key = self.state.shared.row_key(event);
-        if !self.filters.allows_event(&key, event) {
+        if !self
+            .filters
+            .allows_event(&key, event, &self.state.shared.attributor)
+        {
             return Flow::Continue;
         }
         self.offer(event)
@@ -202,8 +205,11 @@ impl Subscriber {
         match self.tx.clone().try_reserve_owned() {
             Ok(permit) => {
                 let key = self.state.shared.row_key(event);
-                let message =
-                    self.message(v1::watch_response::Kind::Event(convert::event(&key, event)));
+                let message = self.message(v1::watch_response::Kind::Event(convert::event(
+                    &key,
+                    event,
+                    &self.state.shared.attributor,
+                )));
                 permit.send(Ok(message));
                 Flow::Continue
             }
