@@ -56,7 +56,7 @@ ensure_bpf_linker() {
 }
 
 ensure_peers() {
-  apt_install redis-server redis-tools bpftool strace iproute2 netcat-openbsd python3-venv
+  apt_install redis-server redis-tools bpftool strace iproute2 netcat-openbsd python3-venv openssl
   # Debian starts a redis-server on 6379 when the package is installed; tests start their own on
   # free ports, and an extra server would only add noise to captures.
   if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then

@@ -50,6 +50,12 @@ fn our_program_ids() -> std::collections::BTreeSet<u32> {
         .collect()
 }
 
+/// Tests that attach programs take turns, so one can tell its programs from the other's.
+fn one_daemon_at_a_time() -> std::sync::MutexGuard<'static, ()> {
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    TURN.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
 /// Starts the daemon and waits (bounded) for its ready line; returns it with the log lines
 /// printed until then.
 fn start(mut command: Command) -> (Child, Vec<String>) {
@@ -100,6 +106,7 @@ fn wait_bounded(mut child: Child) -> std::process::ExitStatus {
 /// run starts where tracefs is not mounted, as on a fresh machine: the daemon mounts it.
 #[test]
 fn detaches_everything_on_sigterm_and_sigint() {
+    let _turn = one_daemon_at_a_time();
     for sig in [libc::SIGTERM, libc::SIGINT] {
         let before = our_program_ids();
         let command = if sig == libc::SIGTERM {
@@ -224,4 +231,110 @@ fn rejects_bad_flags_before_touching_the_kernel() {
     assert!(stderr.contains("nowhere"), "{stderr}");
     let stderr = run_to_failure(daemon().args(["--no-such-flag"]));
     assert!(stderr.contains("unexpected argument"), "{stderr}");
+}
+
+/// A CA, and a server and a client certificate it signed, made with openssl in `dir`.
+fn make_certificates(dir: &std::path::Path) {
+    let sh = |script: &str| {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .expect("sh");
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    sh(&format!(
+        "openssl req -x509 {key} -keyout ca.key -out ca.pem -days 2 -subj /CN=test-ca"
+    ));
+    for (name, ext) in [
+        ("server", "subjectAltName=IP:127.0.0.1"),
+        ("client", "extendedKeyUsage=clientAuth"),
+    ] {
+        sh(&format!(
+            "openssl req {key} -keyout {name}.key -out {name}.csr -subj /CN={name} && \
+             printf '{ext}\\n' > {name}.ext && \
+             openssl x509 -req -in {name}.csr -CA ca.pem -CAkey ca.key -CAcreateserial \
+             -out {name}.pem -days 2 -extfile {name}.ext"
+        ));
+    }
+}
+
+fn grpcurl(args: &[&str]) -> Output {
+    let grpcurl = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../target/test-env/venv/bin/grpcurl"
+    );
+    Command::new(grpcurl)
+        .args(args)
+        .output()
+        .expect("grpcurl (installed by scripts/bootstrap.sh)")
+}
+
+/// TLS on the gRPC port: TLS clients that trust the CA get the API, plaintext ones do not, and
+/// with `--tls-client-ca` only clients with a certificate from that CA get in.
+#[test]
+fn serves_the_api_over_tls_with_optional_client_certificates() {
+    let _turn = one_daemon_at_a_time();
+    let dir = std::env::temp_dir().join(format!("respwatch-tls-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    make_certificates(&dir);
+    let file = |name: &str| dir.join(name).to_string_lossy().into_owned();
+    for require_client_cert in [false, true] {
+        let port = free_port();
+        let address = format!("127.0.0.1:{port}");
+        let mut command = Command::new(DAEMON);
+        command
+            .args([
+                "--grpc-listen",
+                &address,
+                "--metrics-listen",
+                &format!("127.0.0.1:{}", free_port()),
+            ])
+            .args([
+                "--tls-cert",
+                &file("server.pem"),
+                "--tls-key",
+                &file("server.key"),
+            ]);
+        if require_client_cert {
+            command.args(["--tls-client-ca", &file("ca.pem")]);
+        }
+        let (child, _log) = start(command);
+        let with_client_cert = grpcurl(&[
+            "-cacert",
+            &file("ca.pem"),
+            "-cert",
+            &file("client.pem"),
+            "-key",
+            &file("client.key"),
+            &address,
+            "list",
+        ]);
+        let without_client_cert = grpcurl(&["-cacert", &file("ca.pem"), &address, "list"]);
+        let plaintext = grpcurl(&["-plaintext", &address, "list"]);
+        signal(&child, libc::SIGTERM);
+        assert!(wait_bounded(child).success());
+        let listed = |out: &Output| {
+            out.status.success()
+                && String::from_utf8_lossy(&out.stdout).contains("respwatch.v1.Observer")
+        };
+        assert!(
+            listed(&with_client_cert),
+            "{}",
+            String::from_utf8_lossy(&with_client_cert.stderr)
+        );
+        assert_eq!(
+            listed(&without_client_cert),
+            !require_client_cert,
+            "client certificate required: {require_client_cert}"
+        );
+        assert!(!listed(&plaintext), "plaintext client got in");
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }
