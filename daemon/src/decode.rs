@@ -73,10 +73,6 @@ impl DecodeStage {
         }
     }
 
-    pub fn connections(&self) -> usize {
-        self.correlators.len()
-    }
-
     fn emit(&mut self, meta: &Arc<ConnMeta>, out: &mut Vec<CommandEvent>) {
         for output in self.outputs.drain(..) {
             match output {

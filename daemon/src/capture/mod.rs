@@ -127,12 +127,6 @@ pub struct KernelLosses {
     pub counts: [u64; LOSS_REASONS as usize],
 }
 
-impl KernelLosses {
-    pub fn get(&self, reason: LossReason) -> u64 {
-        self.counts[reason as usize]
-    }
-}
-
 pub struct Capture {
     ring: AsyncFd<RingBuf<MapData>>,
     losses: PerCpuArray<MapData, u64>,
