@@ -27,10 +27,15 @@ cpu_seconds() { # utime + stime of a process, in seconds
   awk -v hz="$(getconf CLK_TCK)" '{ print ($14 + $15) / hz }' "/proc/$1/stat"
 }
 
-# rps for one run of redis-benchmark: the sum of the SET and GET rates.
+# rps for one run of redis-benchmark: the sum of the SET and GET rates. Pipelined runs send
+# 10x the requests so that both workloads run for about as long.
 bench() {
-  redis-benchmark -p "$port" -c 50 -n "$requests" -t set,get "$@" --csv \
+  redis-benchmark -p "$port" -c 50 -n "$(run_requests "$@")" -t set,get "$@" --csv \
     | awk -F, 'NR > 1 { gsub(/"/, "", $2); sum += $2 } END { printf "%.0f", sum }'
+}
+
+run_requests() {
+  if [ "$2" = 1 ]; then echo "$requests"; else echo $((requests * 10)); fi
 }
 
 printf '%-14s %6s %14s %14s %8s %14s\n' workload round "rps without" "rps with" ratio "cpu s/Mcmd"
@@ -50,7 +55,8 @@ for workload in "-P 1" "-P 16"; do
     daemon_pid=
     ratio=$(awk -v a="$with" -v b="$without" 'BEGIN { printf "%.3f", a / b }')
     # Two commands (SET and GET) per request slot: 2 × requests commands per run.
-    cpu=$(awk -v a="$after" -v b="$before" -v n="$requests" 'BEGIN { printf "%.2f", (a - b) / (2 * n / 1e6) }')
+    # shellcheck disable=SC2086
+    cpu=$(awk -v a="$after" -v b="$before" -v n="$(run_requests $workload)" 'BEGIN { printf "%.2f", (a - b) / (2 * n / 1e6) }')
     total_ratio=$(awk -v t="$total_ratio" -v r="$ratio" 'BEGIN { print t + r }')
     printf '%-14s %6s %14s %14s %8s %14s\n' "GET/SET $workload" "$round" "$without" "$with" "$ratio" "$cpu"
   done

@@ -12,8 +12,10 @@
 
 use aya_ebpf::{
     EbpfContext,
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_ktime_get_ns, bpf_probe_read_user,
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_ktime_get_ns, bpf_probe_read_user,
         bpf_probe_read_user_buf,
     },
     macros::{map, tracepoint},
@@ -36,6 +38,43 @@ const RET: usize = 16;
 /// The daemon's own process: its gRPC and metrics traffic must not watch itself.
 #[unsafe(no_mangle)]
 static SELF_TGID: u32 = 0;
+
+/// Records wake the reader only once this many bytes wait in the ring (the daemon sets it from
+/// the ring size); below that, it drains on a short timer. A wakeup per record costs an IRQ
+/// work item and a context switch for every syscall traced, the largest overhead there was.
+#[unsafe(no_mangle)]
+static WAKEUP_BYTES: u64 = 0;
+
+/// A connection's first record wakes the reader at once: user space reads the process's
+/// `/proc` entries then, and a short-lived client may be gone 10 ms later.
+fn wakeup_flag(first: bool) -> u64 {
+    // SAFETY: a global the loader sets before the programs run; read-only afterwards.
+    let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
+    if first || RECORDS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+        BPF_RB_FORCE_WAKEUP as u64
+    } else {
+        BPF_RB_NO_WAKEUP as u64
+    }
+}
+
+/// Non-zero when the daemon observes only some namespaces (`--namespaces`): then I/O in the
+/// cgroups of [`OUT_OF_SCOPE`] is not looked at.
+#[unsafe(no_mangle)]
+static SCOPED: u8 = 0;
+
+/// Cgroups (v2 ids) that user space found to be outside `--namespaces` (host processes, pods of
+/// other namespaces). Their syscalls cost one extra lookup and produce no records.
+#[map]
+static OUT_OF_SCOPE: HashMap<u64, u8> = HashMap::with_max_entries(16384, 0);
+
+fn out_of_scope() -> bool {
+    // SAFETY: a global the loader sets before the programs run; read-only afterwards.
+    if unsafe { core::ptr::read_volatile(&SCOPED) } == 0 {
+        return false;
+    }
+    // SAFETY: plain helper call, then a read-only map lookup.
+    unsafe { OUT_OF_SCOPE.get(&bpf_get_current_cgroup_id()).is_some() }
+}
 
 /// Records to user space. The daemon sets the size at load time.
 #[map]
@@ -100,6 +139,15 @@ fn self_tgid() -> u32 {
     unsafe { core::ptr::read_volatile(&SELF_TGID) }
 }
 
+/// A u64 field of the tracepoint record, loaded directly: the verifier checks the offset
+/// against the record, and a probe-read helper call per field cost more than the rest of the
+/// entry program.
+fn record_field(ctx: &TracePointContext, offset: usize) -> u64 {
+    // SAFETY: `offset` is one of the 8-byte-aligned field offsets above, inside every record
+    // these programs attach to (the verifier rejects the program otherwise).
+    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(offset).cast::<u64>()) }
+}
+
 fn conn_key(tgid: u32, fd: i32) -> ConnKey {
     ConnKey { tgid, fd }
 }
@@ -107,19 +155,16 @@ fn conn_key(tgid: u32, fd: i32) -> ConnKey {
 // ---- entry: remember the arguments -------------------------------------------------------
 
 fn on_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
-    let pid_tgid = ctx.pid() as u64 | ((ctx.tgid() as u64) << 32);
-    let tgid = ctx.tgid();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     if tgid == self_tgid() {
         return 0;
     }
-    // SAFETY: offsets from the tracepoint's format; the record is at least this long.
-    let (fd, ptr, len) = unsafe {
-        (
-            ctx.read_at::<u64>(ARG0).unwrap_or(u64::MAX) as i32,
-            ctx.read_at::<u64>(ARG1).unwrap_or(0),
-            ctx.read_at::<u64>(ARG2).unwrap_or(0),
-        )
-    };
+    let (fd, ptr, len) = (
+        record_field(ctx, ARG0) as i32,
+        record_field(ctx, ARG1),
+        record_field(ctx, ARG2),
+    );
     if fd < 0 {
         return 0;
     }
@@ -131,6 +176,9 @@ fn on_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         // Not a socket the daemon knows of: only the socket-only calls prove it is one.
         None if !syscall.socket_only() => return 0,
         None => {}
+    }
+    if out_of_scope() {
+        return 0;
     }
     let pending = PendingIo {
         ptr,
@@ -148,14 +196,13 @@ fn on_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
 // ---- exit: classify, copy, emit ----------------------------------------------------------
 
 fn on_exit(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = ctx.pid() as u64 | ((ctx.tgid() as u64) << 32);
+    let pid_tgid = bpf_get_current_pid_tgid();
     // SAFETY: value copied out before the entry is removed.
     let Some(pending) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
         return 0;
     };
     let _ = INFLIGHT.remove(pid_tgid);
-    // SAFETY: `ret` is the exit record's first field.
-    let ret = unsafe { ctx.read_at::<i64>(RET) }.unwrap_or(-1);
+    let ret = record_field(ctx, RET) as i64;
     if ret <= 0 {
         return 0;
     }
@@ -163,7 +210,7 @@ fn on_exit(ctx: &TracePointContext) -> u32 {
         return 0;
     };
     let moved = ret as u64;
-    let tgid = ctx.tgid();
+    let tgid = (pid_tgid >> 32) as u32;
     let key = conn_key(tgid, pending.fd);
 
     let (first_ptr, first_len, iov_ptr, iov_count) = match locate_buffers(syscall, &pending) {
@@ -222,7 +269,7 @@ fn on_exit(ctx: &TracePointContext) -> u32 {
     // SAFETY: per-CPU scratch slot and a map value pointer, both valid for this run.
     let (scratch, state) = unsafe { (&mut *scratch, &mut *state) };
     let direction = syscall.direction();
-    fill_header(ctx, &mut scratch.header, syscall, pending.fd, state, flags);
+    fill_header(&mut scratch.header, syscall, pending.fd, state, flags);
 
     match iov_ptr {
         None => emit_chunk(scratch, state, direction, first_ptr, moved),
@@ -276,7 +323,6 @@ fn classify(ptr: u64, len: u64) -> bool {
 }
 
 fn fill_header(
-    ctx: &TracePointContext,
     header: &mut RecordHeader,
     syscall: Syscall,
     fd: i32,
@@ -290,8 +336,9 @@ fn fill_header(
     }
     header.conn_start_ns = state.start_ns;
     header.peer = state.peer;
-    header.tgid = ctx.tgid();
-    header.tid = ctx.pid();
+    let pid_tgid = bpf_get_current_pid_tgid();
+    header.tgid = (pid_tgid >> 32) as u32;
+    header.tid = pid_tgid as u32;
     header.fd = fd;
     header.kind = record_kind::DATA;
     header.syscall = syscall as u8;
@@ -416,7 +463,9 @@ fn send(
         )
     };
     let delivered = match bytes.get(..size) {
-        Some(record) => RECORDS.output::<[u8]>(record, 0).is_ok(),
+        Some(record) => RECORDS
+            .output::<[u8]>(record, wakeup_flag(saved_flags & record_flags::FIRST != 0))
+            .is_ok(),
         None => false,
     };
     scratch.header.flags = saved_flags;
@@ -447,12 +496,15 @@ fn forget(ctx: &TracePointContext, fd: i32) {
     };
     // SAFETY: per-CPU scratch slot, valid for this run.
     let scratch = unsafe { &mut *scratch };
-    fill_header(ctx, &mut scratch.header, Syscall::Read, fd, &state, 0);
+    fill_header(&mut scratch.header, Syscall::Read, fd, &state, 0);
     scratch.header.kind = record_kind::CLOSE;
     scratch.header.gap_before = state.gap[Direction::Ingress as usize];
     scratch.header.total_len = state.gap[Direction::Egress as usize];
     scratch.header.copied_len = 0;
-    if RECORDS.output::<RecordHeader>(&scratch.header, 0).is_err() {
+    if RECORDS
+        .output::<RecordHeader>(&scratch.header, wakeup_flag(false))
+        .is_err()
+    {
         count_loss(LossReason::CloseLost);
     }
 }

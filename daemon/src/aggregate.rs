@@ -1,6 +1,9 @@
 //! Aggregate stage: per (role, pod/process, peer, command) counters with Redis' own meaning, a
 //! latency histogram, bytes and errors by prefix. One model behind `GetStats` and `/metrics`.
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::{
+    collections::{BTreeMap, HashMap, VecDeque},
+    sync::Arc,
+};
 
 use respwatch_resp::correlate::{Outcome, Role};
 
@@ -208,12 +211,40 @@ impl Aggregator {
         self.total.len()
     }
 
-    pub fn record(&mut self, mut key: RowKey, event: &CommandEvent) {
-        if !event.counted && event.outcome != Outcome::Discarded {
-            // Unknown commands and subcommands: no commandstats row in Redis, so one folded
-            // row here (their errors still count, like INFO errorstats).
-            key.command = UNKNOWN_COMMAND.to_owned();
+    /// Records a batch of events. Events of one connection, role, command and second share a
+    /// row, so the row key (pod, process and peer strings) is built and hashed once per group
+    /// rather than once per event: that lookup was the daemon's largest cost per command.
+    pub fn record_batch(
+        &mut self,
+        events: &[Arc<CommandEvent>],
+        row_key: impl Fn(&CommandEvent) -> RowKey,
+    ) {
+        let mut groups: HashMap<BatchGroup<'_>, (&CommandEvent, RowStats)> = HashMap::new();
+        for event in events {
+            let group = BatchGroup {
+                conn: Arc::as_ptr(&event.conn) as usize,
+                role: event.role,
+                command: stats_command(event),
+                second: event.time_unix_ns / 1_000_000_000,
+            };
+            groups
+                .entry(group)
+                .or_insert_with(|| (event, RowStats::default()))
+                .1
+                .record(event);
         }
+        let mut groups: Vec<_> = groups.into_iter().collect();
+        groups.sort_unstable_by_key(|(group, _)| group.second);
+        for (group, (first, stats)) in groups {
+            let mut key = row_key(first);
+            if key.command != group.command {
+                key.command = group.command.to_owned();
+            }
+            self.add(key, group.second, &stats);
+        }
+    }
+
+    fn add(&mut self, mut key: RowKey, second: u64, stats: &RowStats) {
         if !self.total.contains_key(&key) && self.total.len() >= MAX_ROWS {
             key = RowKey {
                 role: key.role,
@@ -221,21 +252,42 @@ impl Aggregator {
                 ..RowKey::empty(key.role)
             };
         }
-        let second = event.time_unix_ns / 1_000_000_000;
-        if self
-            .recent
-            .back()
-            .is_none_or(|(newest, _)| *newest < second)
-        {
+        if let Some(rows) = self.second_mut(second) {
+            rows.entry(key.clone()).or_default().merge(stats);
+        }
+        self.total.entry(key).or_default().merge(stats);
+    }
+
+    /// The rows of `second`, created when new; `None` when it is older than the window.
+    fn second_mut(&mut self, second: u64) -> Option<&mut HashMap<RowKey, RowStats>> {
+        let newest = self.recent.back().map(|(newest, _)| *newest);
+        if newest.is_none_or(|newest| newest < second) {
             self.recent.push_back((second, HashMap::new()));
-            while self.recent.len() > WINDOW_SECONDS {
+            while self
+                .recent
+                .front()
+                .is_some_and(|(oldest, _)| oldest + WINDOW_SECONDS as u64 <= second)
+            {
                 self.recent.pop_front();
             }
+            return self.recent.back_mut().map(|(_, rows)| rows);
         }
-        if let Some((_, rows)) = self.recent.back_mut() {
-            rows.entry(key.clone()).or_default().record(event);
+        // A late event (a batch that ran behind): its own second, while still in the window.
+        if newest.is_some_and(|newest| newest - second >= WINDOW_SECONDS as u64) {
+            return None;
         }
-        self.total.entry(key).or_default().record(event);
+        let position = match self.recent.iter().rposition(|(kept, _)| *kept <= second) {
+            Some(position) if self.recent[position].0 == second => position,
+            Some(position) => {
+                self.recent.insert(position + 1, (second, HashMap::new()));
+                position + 1
+            }
+            None => {
+                self.recent.push_front((second, HashMap::new()));
+                0
+            }
+        };
+        self.recent.get_mut(position).map(|(_, rows)| rows)
     }
 
     /// Rows matching `filter`, summed over everything not in `group_by`, cumulative or over the
@@ -275,6 +327,26 @@ impl Aggregator {
         self.total.retain(|key, stats| {
             alive(key) || now_unix_ns.saturating_sub(stats.last_seen_ns) < grace_ns
         });
+    }
+}
+
+/// Events of one batch that land in the same row.
+#[derive(PartialEq, Eq, Hash)]
+struct BatchGroup<'a> {
+    /// The connection's metadata, by identity: one connection, one process and peer.
+    conn: usize,
+    role: Role,
+    command: &'a str,
+    second: u64,
+}
+
+/// The command's row name: unknown commands and subcommands have no commandstats row in Redis,
+/// so they fold into one row here (their errors still count, like `INFO errorstats`).
+fn stats_command(event: &CommandEvent) -> &str {
+    if !event.counted && event.outcome != Outcome::Discarded {
+        UNKNOWN_COMMAND
+    } else {
+        &event.command
     }
 }
 
@@ -318,4 +390,134 @@ fn project(key: &RowKey, group_by: &[GroupBy]) -> RowKey {
         out.command = key.command.clone();
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        capture::ConnRef,
+        enrich::Process,
+        streams::{ConnId, ConnMeta},
+    };
+
+    fn conn(id: u64, pid: u32) -> Arc<ConnMeta> {
+        Arc::new(ConnMeta {
+            id: ConnId(id),
+            kernel: ConnRef {
+                tgid: pid,
+                fd: 3,
+                start_ns: id,
+            },
+            process: Arc::new(Process {
+                pid,
+                comm: "app".into(),
+                cgroup_id: 1,
+                cgroup_path: None,
+                container_id: None,
+                pod_uid: None,
+            }),
+            socket: None,
+        })
+    }
+
+    fn event(
+        conn: &Arc<ConnMeta>,
+        command: &str,
+        second: u64,
+        latency_ns: u64,
+    ) -> Arc<CommandEvent> {
+        Arc::new(CommandEvent {
+            time_unix_ns: second * 1_000_000_000 + 5,
+            role: Role::Server,
+            conn: Arc::clone(conn),
+            command: command.into(),
+            key: None,
+            argc: 2,
+            request_bytes: 10,
+            reply_bytes: 5,
+            reply: "bulk",
+            error: None,
+            outcome: Outcome::Ok,
+            counted: command != "nosuch",
+            latency_ns,
+            pipeline_depth: 1,
+            in_transaction: false,
+        })
+    }
+
+    /// The row key the pipeline would build: process and command (peer, pod left out).
+    fn key_of(event: &CommandEvent) -> RowKey {
+        RowKey {
+            pid: event.conn.process.pid,
+            comm: event.conn.process.comm.clone(),
+            command: event.command.clone(),
+            ..RowKey::empty(event.role)
+        }
+    }
+
+    fn calls(rows: &[(RowKey, RowStats)], pid: u32, command: &str) -> u64 {
+        rows.iter()
+            .filter(|(key, _)| key.pid == pid && key.command == command)
+            .map(|(_, stats)| stats.calls)
+            .sum()
+    }
+
+    #[test]
+    fn a_batch_sums_like_event_by_event() {
+        let (a, b, a_again) = (conn(1, 10), conn(2, 20), conn(3, 10));
+        let events = vec![
+            event(&a, "get", 100, 1_000),
+            event(&b, "get", 100, 2_000),
+            event(&a, "get", 100, 3_000),
+            event(&a, "set", 101, 4_000),
+            // Another connection of the same process: the same row.
+            event(&a_again, "get", 101, 5_000),
+            // No commandstats row in Redis: folded into `unknown`.
+            event(&b, "nosuch", 101, 6_000),
+        ];
+        let mut aggregator = Aggregator::new();
+        aggregator.record_batch(&events, key_of);
+        let rows = aggregator.query(|_| true, &[GroupBy::Process, GroupBy::Command], None);
+        assert_eq!(calls(&rows, 10, "get"), 3);
+        assert_eq!(calls(&rows, 10, "set"), 1);
+        assert_eq!(calls(&rows, 20, "get"), 1);
+        assert_eq!(calls(&rows, 20, UNKNOWN_COMMAND), 1);
+        assert_eq!(calls(&rows, 20, "nosuch"), 0);
+        let get_10 = rows
+            .iter()
+            .find(|(key, _)| key.pid == 10 && key.command == "get")
+            .map(|(_, stats)| stats.clone())
+            .unwrap();
+        assert_eq!(get_10.latency_ns, 9_000);
+        assert_eq!(get_10.max_ns, 5_000);
+        assert_eq!((get_10.bytes_in, get_10.bytes_out), (30, 15));
+    }
+
+    #[test]
+    fn late_events_land_in_their_own_second() {
+        let a = conn(1, 10);
+        let mut aggregator = Aggregator::new();
+        aggregator.record_batch(&[event(&a, "get", 100, 1)], key_of);
+        aggregator.record_batch(&[event(&a, "get", 103, 1)], key_of);
+        // A batch that ran behind: seconds 101 and 99 are older than the newest kept.
+        aggregator.record_batch(&[event(&a, "get", 101, 1), event(&a, "get", 99, 1)], key_of);
+        let window = |now, seconds| {
+            calls(
+                &aggregator.query(|_| true, &[GroupBy::Command], Some((now, seconds))),
+                0,
+                "get",
+            )
+        };
+        assert_eq!(window(103, 1), 1, "second 103 alone");
+        assert_eq!(window(103, 3), 2, "seconds 101..=103");
+        assert_eq!(window(103, 4), 3, "seconds 100..=103");
+        assert_eq!(window(103, 5), 4, "seconds 99..=103");
+        let seconds: Vec<u64> = aggregator
+            .recent
+            .iter()
+            .map(|(second, _)| *second)
+            .collect();
+        assert_eq!(seconds, [99, 100, 101, 103]);
+    }
 }

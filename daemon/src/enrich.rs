@@ -26,6 +26,8 @@ pub struct Process {
 #[derive(Default)]
 pub struct ProcessCache {
     by_tgid: HashMap<u32, Arc<Process>>,
+    /// Cgroup paths found by id, for processes gone before `/proc` could be read.
+    cgroup_paths: HashMap<u64, Option<String>>,
 }
 
 impl ProcessCache {
@@ -35,7 +37,14 @@ impl ProcessCache {
         {
             return Arc::clone(known);
         }
-        let cgroup_path = read_cgroup_path(tgid);
+        // A short-lived client may exit before its first record is read; its cgroup still
+        // exists then (containers outlive their processes), found by the id the kernel gave.
+        let cgroup_path = read_cgroup_path(tgid).or_else(|| {
+            self.cgroup_paths
+                .entry(cgroup_id)
+                .or_insert_with(|| find_cgroup(Path::new(CGROUP2_ROOT), cgroup_id))
+                .clone()
+        });
         let (container_id, pod_uid) = cgroup_path
             .as_deref()
             .map(parse_cgroup_path)
@@ -59,6 +68,40 @@ impl ProcessCache {
 
 pub fn process_alive(tgid: u32) -> bool {
     Path::new(&format!("/proc/{tgid}")).exists()
+}
+
+/// Where the cgroup v2 hierarchy is mounted (in a container: the host's, mounted there).
+const CGROUP2_ROOT: &str = "/sys/fs/cgroup";
+/// Directories looked at at most when searching a cgroup by id, so a huge hierarchy costs
+/// bounded time.
+const MAX_CGROUP_SCAN: usize = 100_000;
+
+/// The path (as `/proc/<pid>/cgroup` shows it) of the cgroup v2 directory whose inode number is
+/// `cgroup_id`: on cgroup v2 the id the kernel reports is the directory's inode number.
+fn find_cgroup(root: &Path, cgroup_id: u64) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut pending = vec![root.to_path_buf()];
+    let mut scanned = 0;
+    while let Some(dir) = pending.pop() {
+        scanned += 1;
+        if scanned > MAX_CGROUP_SCAN {
+            return None;
+        }
+        if fs::metadata(&dir).is_ok_and(|meta| meta.ino() == cgroup_id) {
+            let relative = dir.strip_prefix(root).ok()?.to_str()?;
+            return Some(format!("/{relative}"));
+        }
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
+        pending.extend(
+            entries
+                .filter_map(Result::ok)
+                .filter(|entry| entry.file_type().is_ok_and(|kind| kind.is_dir()))
+                .map(|entry| entry.path()),
+        );
+    }
+    None
 }
 
 fn read_cgroup_path(tgid: u32) -> Option<String> {
@@ -113,6 +156,26 @@ mod tests {
     use super::*;
 
     const ID: &str = "4f0a3b2c1d0e9f8a7b6c5d4e3f2a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a";
+
+    #[test]
+    fn finds_a_cgroup_by_its_inode() {
+        use std::os::unix::fs::MetadataExt;
+        let root = std::env::temp_dir().join(format!("respwatch-cgroups-{}", std::process::id()));
+        let leaf = root.join("kubepods/besteffort/podabc").join(ID);
+        fs::create_dir_all(&leaf).unwrap();
+        fs::create_dir_all(root.join("system.slice/sshd.service")).unwrap();
+        let id = fs::metadata(&leaf).unwrap().ino();
+        assert_eq!(
+            find_cgroup(&root, id),
+            Some(format!("/kubepods/besteffort/podabc/{ID}"))
+        );
+        assert_eq!(
+            find_cgroup(&root, fs::metadata(&root).unwrap().ino()),
+            Some("/".into())
+        );
+        assert_eq!(find_cgroup(&root, u64::MAX), None);
+        fs::remove_dir_all(&root).unwrap();
+    }
 
     #[test]
     fn systemd_driver_containerd() {
@@ -262,6 +325,20 @@ impl Attributor {
         }
         self.pod_of(&event.conn.process)
             .is_some_and(|pod| self.namespaces.contains(&pod.namespace))
+    }
+
+    /// Whether a process can never be in `--namespaces`' scope: a host process (no pod, no
+    /// container in its cgroup path) or a known pod of another namespace. A pod not known yet
+    /// is undecided: its cgroup is never excluded in the kernel on a guess.
+    pub fn never_in_scope(&self, process: &Process) -> bool {
+        if self.namespaces.is_empty() {
+            return false;
+        }
+        if process.pod_uid.is_none() && process.container_id.is_none() {
+            return true;
+        }
+        self.pod_of(process)
+            .is_some_and(|pod| !self.namespaces.contains(&pod.namespace))
     }
 
     /// A row recorded before its pod (or container name) was known, with the names known now:

@@ -23,6 +23,11 @@ use tokio::{
 };
 use tracing_subscriber::EnvFilter;
 
+/// Every captured command allocates a few small, short-lived buffers; mimalloc serves those
+/// at a fraction of glibc malloc's cost (it was a third of the daemon's CPU time).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Watches Redis (RESP) traffic of every process on this node with eBPF.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -70,7 +75,8 @@ struct Args {
     #[arg(long, env = "RESPWATCH_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// Only observe pods of these namespaces (comma-separated; default: everything). Host
-    /// processes and pods not known yet are then left out. Filtered in user space.
+    /// processes and pods not known yet are then left out. Cgroups found out of scope are also
+    /// skipped in the kernel, so they cost one map lookup per syscall and no records.
     #[arg(long, env = "RESPWATCH_NAMESPACES", value_delimiter = ',')]
     namespaces: Vec<String>,
     /// Seconds a deleted pod stays resolvable (its last commands keep their names).
@@ -150,6 +156,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .map(|_| Arc::new(PodIndex::new(kube_config.pod_grace)));
     let capture = Capture::start(&CaptureConfig {
         ring_bytes: args.ring_bytes,
+        scoped: !namespaces.is_empty(),
     })?;
     tracing::info!(
         programs = capture.attached().len(),

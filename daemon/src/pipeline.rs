@@ -35,6 +35,8 @@ pub struct PipelineCounters {
     /// Bytes lost in the kernel (ring full), as reported on later chunks and closes.
     pub lost_bytes: AtomicU64,
     pub tracked_connections: AtomicU64,
+    /// Cgroups outside `--namespaces` whose I/O the kernel no longer looks at.
+    pub excluded_cgroups: AtomicU64,
     /// The kernel's loss counters by [`respwatch_common::LossReason`], refreshed periodically.
     pub kernel_losses: [AtomicU64; LOSS_REASONS as usize],
     pub events: AtomicU64,
@@ -126,6 +128,7 @@ impl Pipeline {
         let mut malformed = Vec::new();
         let mut stream_events = Vec::with_capacity(1024);
         let mut command_events = Vec::with_capacity(1024);
+        let mut out_of_scope = Vec::new();
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         loop {
             tokio::select! {
@@ -140,7 +143,8 @@ impl Pipeline {
                 }
                 batch = self.capture.next_batch(&mut records, &mut malformed) => batch?,
             }
-            let counters = &self.shared.counters;
+            let shared = Arc::clone(&self.shared);
+            let counters = &shared.counters;
             for error in malformed.drain(..) {
                 counters.malformed_records.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "dropped a ring buffer record");
@@ -148,15 +152,15 @@ impl Pipeline {
             counters
                 .records
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
-            for record in records.drain(..) {
-                self.streams.accept(record, &mut stream_events);
-            }
+            self.streams
+                .accept_batch(records.drain(..), &mut stream_events);
             for event in stream_events.drain(..) {
                 count_stream(counters, &event);
                 observe(&event);
                 self.decode.accept(&event, &mut command_events);
             }
-            self.publish(&mut command_events);
+            self.publish(&mut command_events, &mut out_of_scope);
+            self.exclude_in_kernel(&mut out_of_scope);
             counters
                 .tracked_connections
                 .store(self.streams.tracked() as u64, Ordering::Relaxed);
@@ -164,11 +168,18 @@ impl Pipeline {
         }
     }
 
-    fn publish(&self, events: &mut Vec<CommandEvent>) {
+    /// `out_of_scope` gets the cgroups of events that can never be in `--namespaces`' scope.
+    fn publish(&self, events: &mut Vec<CommandEvent>, out_of_scope: &mut Vec<u64>) {
         let shared = &self.shared;
-        // `--namespaces`: out-of-scope events go no further (user space; not filtered in the
-        // kernel).
-        events.retain(|event| shared.attributor.in_scope(event));
+        // `--namespaces`: out-of-scope events go no further; their cgroups are then skipped in
+        // the kernel too, so they cost almost nothing from the next syscall on.
+        events.retain(|event| {
+            let keep = shared.attributor.in_scope(event);
+            if !keep && shared.attributor.never_in_scope(&event.conn.process) {
+                out_of_scope.push(event.conn.process.cgroup_id);
+            }
+            keep
+        });
         if events.is_empty() {
             return;
         }
@@ -178,9 +189,7 @@ impl Pipeline {
             .fetch_add(events.len() as u64, Ordering::Relaxed);
         let events: Vec<Arc<CommandEvent>> = events.drain(..).map(Arc::new).collect();
         if let Ok(mut aggregator) = shared.aggregator.lock() {
-            for event in &events {
-                aggregator.record(shared.row_key(event), event);
-            }
+            aggregator.record_batch(&events, |event| shared.row_key(event));
         }
         if let Ok(mut history) = shared.history.lock() {
             for event in &events {
@@ -193,6 +202,21 @@ impl Pipeline {
         for event in events {
             // No subscribers is fine; slow ones see `Lagged(n)` and report the loss.
             let _ = shared.events.send(event);
+        }
+    }
+
+    fn exclude_in_kernel(&mut self, cgroups: &mut Vec<u64>) {
+        for cgroup_id in cgroups.drain(..) {
+            match self.capture.exclude_cgroup(cgroup_id) {
+                Ok(excluded) => self
+                    .shared
+                    .counters
+                    .excluded_cgroups
+                    .store(excluded as u64, Ordering::Relaxed),
+                // Full map: the events are still dropped in user space, only costlier. Each
+                // cgroup is tried once, so this is logged once per cgroup.
+                Err(error) => tracing::warn!(%error, cgroup_id, "excluding a cgroup in the kernel"),
+            }
         }
     }
 

@@ -1,5 +1,6 @@
 //! Socket addresses of a connection, from `/proc/<pid>/fd` and `/proc/<pid>/net/*`.
 use std::{
+    collections::HashMap,
     fmt, fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
 };
@@ -39,19 +40,71 @@ impl fmt::Display for SocketAddrs {
     }
 }
 
-/// The connection's addresses. The peer the kernel saw at connect/accept is authoritative; the
-/// local address comes from `/proc`, and only when `/proc` still shows that same peer on this
-/// fd (by the time the daemon looks, the fd may already be a newer connection).
-pub fn resolve_socket(tgid: u32, fd: i32, kernel_peer: &PeerAddr) -> Option<SocketAddrs> {
-    let from_proc = lookup_proc(tgid, fd);
-    let Some(peer) = peer_addr(kernel_peer) else {
-        return from_proc;
-    };
-    let local = match from_proc {
-        Some(SocketAddrs::Tcp { local, peer: seen }) if same_endpoint(seen, peer) => local,
-        _ => SocketAddr::new(unspecified_like(peer.ip()), 0),
-    };
-    Some(SocketAddrs::Tcp { local, peer })
+/// The socket tables of each network namespace, read at most once per batch of records.
+/// Reading `/proc/<pid>/net/tcp` walks the namespace's whole connection table, so a burst of
+/// new connections (a client pool connecting) must not read it once per connection. Every
+/// socket of a batch existed before the batch was drained, so one read per batch sees them all.
+#[derive(Default)]
+pub struct SocketTables {
+    by_netns: HashMap<u64, HashMap<u64, SocketAddrs>>,
+}
+
+impl SocketTables {
+    /// Forgets what was read: the next batch reads the tables afresh.
+    pub fn clear(&mut self) {
+        self.by_netns.clear();
+    }
+
+    /// The connection's addresses. The peer the kernel saw at connect/accept is authoritative;
+    /// the local address comes from `/proc`, and only when `/proc` still shows that same peer
+    /// on this fd (by the time the daemon looks, the fd may already be a newer connection).
+    pub fn resolve(&mut self, tgid: u32, fd: i32, kernel_peer: &PeerAddr) -> Option<SocketAddrs> {
+        let from_proc = self.lookup_proc(tgid, fd);
+        let Some(peer) = peer_addr(kernel_peer) else {
+            return from_proc;
+        };
+        let local = match from_proc {
+            Some(SocketAddrs::Tcp { local, peer: seen }) if same_endpoint(seen, peer) => local,
+            _ => SocketAddr::new(unspecified_like(peer.ip()), 0),
+        };
+        Some(SocketAddrs::Tcp { local, peer })
+    }
+
+    /// Looks the socket up by its inode in the process's network namespace tables.
+    fn lookup_proc(&mut self, tgid: u32, fd: i32) -> Option<SocketAddrs> {
+        let inode = link_inode(&format!("/proc/{tgid}/fd/{fd}"), "socket:[")?;
+        let netns = link_inode(&format!("/proc/{tgid}/ns/net"), "net:[")?;
+        self.by_netns
+            .entry(netns)
+            .or_insert_with(|| read_tables(tgid))
+            .get(&inode)
+            .cloned()
+    }
+}
+
+/// The inode in a `/proc` link such as `socket:[1234]` or `net:[4026531840]`.
+fn link_inode(path: &str, prefix: &str) -> Option<u64> {
+    fs::read_link(path)
+        .ok()?
+        .to_str()?
+        .strip_prefix(prefix)?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// Every TCP and Unix socket of the process's network namespace, by inode.
+fn read_tables(tgid: u32) -> HashMap<u64, SocketAddrs> {
+    let mut sockets = HashMap::new();
+    for table in ["tcp", "tcp6"] {
+        if let Ok(text) = fs::read_to_string(format!("/proc/{tgid}/net/{table}")) {
+            sockets.extend(tcp_sockets(&text));
+        }
+    }
+    if let Ok(text) = fs::read_to_string(format!("/proc/{tgid}/net/unix")) {
+        sockets.extend(unix_sockets(&text));
+    }
+    sockets
 }
 
 fn peer_addr(peer: &PeerAddr) -> Option<SocketAddr> {
@@ -84,50 +137,27 @@ fn unspecified_like(ip: IpAddr) -> IpAddr {
     }
 }
 
-/// Looks the socket up by its inode in the process's network namespace tables.
-fn lookup_proc(tgid: u32, fd: i32) -> Option<SocketAddrs> {
-    let link = fs::read_link(format!("/proc/{tgid}/fd/{fd}")).ok()?;
-    let inode: u64 = link
-        .to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()?;
-    for table in ["tcp", "tcp6"] {
-        if let Ok(text) = fs::read_to_string(format!("/proc/{tgid}/net/{table}"))
-            && let Some(found) = find_tcp(&text, inode)
-        {
-            return Some(found);
-        }
-    }
-    let text = fs::read_to_string(format!("/proc/{tgid}/net/unix")).ok()?;
-    find_unix(&text, inode)
-}
-
-/// Finds `inode` in the text of `/proc/net/tcp` or `/proc/net/tcp6`.
-fn find_tcp(table: &str, inode: u64) -> Option<SocketAddrs> {
-    table.lines().skip(1).find_map(|line| {
+/// The sockets in the text of `/proc/net/tcp` or `/proc/net/tcp6`, by inode.
+fn tcp_sockets(table: &str) -> impl Iterator<Item = (u64, SocketAddrs)> + '_ {
+    table.lines().skip(1).filter_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.get(9)?.parse::<u64>().ok()? != inode {
-            return None;
-        }
-        Some(SocketAddrs::Tcp {
+        let inode = fields.get(9)?.parse::<u64>().ok()?;
+        let addrs = SocketAddrs::Tcp {
             local: parse_hex_addr(fields.get(1)?)?,
             peer: parse_hex_addr(fields.get(2)?)?,
-        })
+        };
+        Some((inode, addrs))
     })
 }
 
-/// Finds `inode` in the text of `/proc/net/unix`; the path is that of the listening side.
-fn find_unix(table: &str, inode: u64) -> Option<SocketAddrs> {
-    table.lines().skip(1).find_map(|line| {
+/// The sockets in the text of `/proc/net/unix`, by inode; the path is that of the listening
+/// side.
+fn unix_sockets(table: &str) -> impl Iterator<Item = (u64, SocketAddrs)> + '_ {
+    table.lines().skip(1).filter_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        if fields.get(6)?.parse::<u64>().ok()? != inode {
-            return None;
-        }
-        Some(SocketAddrs::Unix {
-            path: fields.get(7).map(|p| (*p).to_owned()).unwrap_or_default(),
-        })
+        let inode = fields.get(6)?.parse::<u64>().ok()?;
+        let path = fields.get(7).map(|p| (*p).to_owned()).unwrap_or_default();
+        Some((inode, SocketAddrs::Unix { path }))
     })
 }
 
@@ -166,7 +196,8 @@ mod tests {
 
     #[test]
     fn finds_tcp_connection_by_inode() {
-        let found = find_tcp(TCP, 31337).unwrap();
+        let sockets: HashMap<_, _> = tcp_sockets(TCP).collect();
+        let found = sockets[&31337].clone();
         assert_eq!(
             found,
             SocketAddrs::Tcp {
@@ -174,7 +205,7 @@ mod tests {
                 peer: "127.0.0.1:54514".parse().unwrap()
             }
         );
-        assert_eq!(find_tcp(TCP, 4242), None);
+        assert_eq!(sockets.get(&4242), None);
     }
 
     #[test]
@@ -186,7 +217,7 @@ mod tests {
         };
         assert_eq!(peer_addr(&peer), Some("127.0.0.1:6379".parse().unwrap()));
         // No such process: the peer still stands, the local side is unknown.
-        let resolved = resolve_socket(u32::MAX, 3, &peer).unwrap();
+        let resolved = SocketTables::default().resolve(u32::MAX, 3, &peer).unwrap();
         assert_eq!(resolved.peer(), Some("127.0.0.1:6379".parse().unwrap()));
         assert_eq!(resolved.local_port(), None);
         assert_eq!(peer_addr(&PeerAddr::UNKNOWN), None);
@@ -211,14 +242,15 @@ mod tests {
 0000000000000000: 00000002 00000000 00010000 0001 01 4242 /run/redis.sock
 0000000000000000: 00000003 00000000 00000000 0001 03 4243
 ";
+        let sockets: HashMap<_, _> = unix_sockets(table).collect();
         assert_eq!(
-            find_unix(table, 4242),
+            sockets.get(&4242).cloned(),
             Some(SocketAddrs::Unix {
                 path: "/run/redis.sock".into()
             })
         );
         assert_eq!(
-            find_unix(table, 4243),
+            sockets.get(&4243).cloned(),
             Some(SocketAddrs::Unix {
                 path: String::new()
             })

@@ -11,7 +11,7 @@ use respwatch_common::{Direction, Syscall};
 use crate::{
     capture::{Chunk, ConnRef, Record},
     enrich::{Process, ProcessCache},
-    sockets::{SocketAddrs, resolve_socket},
+    sockets::{SocketAddrs, SocketTables},
 };
 
 /// A connection's identity for the daemon's lifetime.
@@ -71,6 +71,7 @@ pub struct Streams {
     /// Each connection with the kernel timestamp of its latest record.
     conns: HashMap<(u32, i32), (Arc<ConnMeta>, u64)>,
     processes: ProcessCache,
+    sockets: SocketTables,
     next_id: u64,
     /// The newest record timestamp seen: how far the pipeline has read.
     frontier_ns: u64,
@@ -85,7 +86,19 @@ impl Streams {
         self.conns.len()
     }
 
-    pub fn accept(&mut self, record: Record, out: &mut Vec<StreamEvent>) {
+    /// Turns one batch of records, in ring order, into stream events.
+    pub fn accept_batch(
+        &mut self,
+        records: impl IntoIterator<Item = Record>,
+        out: &mut Vec<StreamEvent>,
+    ) {
+        self.sockets.clear();
+        for record in records {
+            self.accept(record, out);
+        }
+    }
+
+    fn accept(&mut self, record: Record, out: &mut Vec<StreamEvent>) {
         match record {
             Record::Data(chunk) => self.accept_chunk(chunk, out),
             Record::Closed {
@@ -158,7 +171,9 @@ impl Streams {
             process: self
                 .processes
                 .get(chunk.conn.tgid, &chunk.comm, chunk.cgroup_id),
-            socket: resolve_socket(chunk.conn.tgid, chunk.conn.fd, &chunk.peer),
+            socket: self
+                .sockets
+                .resolve(chunk.conn.tgid, chunk.conn.fd, &chunk.peer),
         }
     }
 

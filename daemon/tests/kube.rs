@@ -622,6 +622,62 @@ fn namespace_scope_drops_other_namespaces_in_the_daemon() {
     let rows = daemon.stats(&["-A"]);
     let namespaces: BTreeSet<&str> = rows.iter().map(|r| field(r, "namespace")).collect();
     assert_eq!(namespaces, BTreeSet::from(["prod"]), "{rows:?}");
+
+    // Staging's client and data's server are out of scope for good: their cgroups are then
+    // skipped in the kernel, so 500 more staging commands produce no records at all, while
+    // prod's client is still seen.
+    wait_for(
+        "staging's and data's cgroups excluded in the kernel",
+        || {
+            let excluded = metric(&daemon.metrics(), "respwatch_kernel_excluded_cgroups");
+            eprintln!("excluded cgroups: {excluded}");
+            excluded >= 2
+        },
+    );
+    let records_before = metric(&daemon.metrics(), "respwatch_records_total");
+    staging.cgroup.run(
+        "redis-cli",
+        &[
+            "-h",
+            "127.0.0.4",
+            "-p",
+            &port,
+            "-r",
+            "500",
+            "SET",
+            "sk",
+            "v",
+        ],
+    );
+    prod.cgroup.run(
+        "redis-cli",
+        &["-h", "127.0.0.4", "-p", &port, "SET", "pk", "w"],
+    );
+    wait_for("prod's second SET", || {
+        let calls: u64 = daemon
+            .stats(&["-A"])
+            .iter()
+            .filter(|r| field(r, "namespace") == "prod" && field(r, "command") == "set")
+            .filter_map(|r| r["calls"].as_u64())
+            .sum();
+        calls == 2
+    });
+    let records = metric(&daemon.metrics(), "respwatch_records_total") - records_before;
+    // Prod's one SET: a write and a read on the client side (a few more if split). Without the
+    // kernel filter, staging alone would add 2 records per command on each side (2000).
+    assert!(
+        (2..50).contains(&records),
+        "{records} records for 500 out-of-scope commands and 1 in scope"
+    );
+}
+
+/// The value of an unlabelled Prometheus series.
+fn metric(text: &str, name: &str) -> u64 {
+    text.lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse::<f64>().ok())
+        .map(|value| value as u64)
+        .unwrap_or_else(|| panic!("no series {name} in:\n{text}"))
 }
 
 /// Every manifest in deploy/ validates offline against the Kubernetes schemas

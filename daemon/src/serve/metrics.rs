@@ -367,7 +367,7 @@ fn render_daemon(out: &mut String, state: &ServeState) {
         labels(&queue),
         load(&state.subscriber_drops)
     );
-    let simple: [(&str, &str, &str, u64); 8] = [
+    let simple: [(&str, &str, &str, u64); 9] = [
         (
             "respwatch_lost_bytes_total",
             "counter",
@@ -403,6 +403,12 @@ fn render_daemon(out: &mut String, state: &ServeState) {
             "gauge",
             "Connections currently tracked.",
             load(&counters.tracked_connections),
+        ),
+        (
+            "respwatch_kernel_excluded_cgroups",
+            "gauge",
+            "Cgroups outside --namespaces that the kernel programs no longer look at.",
+            load(&counters.excluded_cgroups),
         ),
         (
             "respwatch_watch_subscribers",

@@ -495,6 +495,7 @@ fn a_small_ring_counts_every_loss() {
     let _turn = Harness::exclusive();
     let small = Harness::start(CaptureConfig {
         ring_bytes: 64 << 10,
+        ..CaptureConfig::default()
     });
     small.seen.lock().expect("lock").recording = true;
     let server = RedisServer::start(&[]);

@@ -200,6 +200,7 @@ impl Harness {
         HARNESS.get_or_init(|| {
             Harness::start(CaptureConfig {
                 ring_bytes: 128 << 20,
+                ..CaptureConfig::default()
             })
         })
     }
