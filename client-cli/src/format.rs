@@ -150,6 +150,7 @@ pub fn row_json(row: &v1::StatsRow) -> Value {
         "role": role(row.role),
         "peer": row.peer,
         "peer_pod": row.peer_pod,
+        "peer_service": row.peer_service,
         "p50_usec": row.p50_usec,
         "p99_usec": row.p99_usec,
         "max_usec": row.max_usec,

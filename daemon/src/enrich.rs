@@ -383,17 +383,30 @@ impl Attributor {
     }
 
     /// `namespace/name` of the pod with the IP of a peer (`ip` or `ip:port`), if any.
+    /// `namespace/pod` of a peer (`ip:port` or `ip`): a pod of this node by its IP, else a pod
+    /// anywhere in the cluster by an EndpointSlice endpoint.
     pub fn peer_pod(&self, peer: &str) -> String {
-        let Some(pods) = self.pods.as_ref() else {
+        let (Some(pods), Some(ip)) = (self.pods.as_ref(), peer_ip(peer)) else {
             return String::new();
         };
-        let ip = peer
-            .parse::<std::net::SocketAddr>()
-            .map(|a| a.ip())
-            .or_else(|_| peer.parse::<std::net::IpAddr>());
-        ip.ok()
-            .and_then(|ip| pods.by_ip(&ip))
-            .map(|pod| format!("{}/{}", pod.namespace, pod.name))
+        if let Some(pod) = pods.by_ip(&ip) {
+            return format!("{}/{}", pod.namespace, pod.name);
+        }
+        pods.peers
+            .lookup(&ip)
+            .and_then(|name| name.pod)
+            .unwrap_or_default()
+    }
+
+    /// `namespace/service` of a peer: a Service's cluster IP (what clients connect to behind
+    /// kube-proxy), or the Service of the endpoint it is.
+    pub fn peer_service(&self, peer: &str) -> String {
+        let (Some(pods), Some(ip)) = (self.pods.as_ref(), peer_ip(peer)) else {
+            return String::new();
+        };
+        pods.peers
+            .lookup(&ip)
+            .and_then(|name| name.service)
             .unwrap_or_default()
     }
 
@@ -414,6 +427,13 @@ fn short_id(id: &str) -> &str {
 }
 
 /// Client role: the server's `ip:port`; server role: the client's IP (its port is ephemeral).
+fn peer_ip(peer: &str) -> Option<std::net::IpAddr> {
+    peer.parse::<std::net::SocketAddr>()
+        .map(|addr| addr.ip())
+        .or_else(|_| peer.parse())
+        .ok()
+}
+
 fn peer_label(event: &CommandEvent) -> String {
     match &event.conn.socket {
         Some(SocketAddrs::Tcp { peer, .. }) => match event.role {

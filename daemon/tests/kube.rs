@@ -753,7 +753,10 @@ mounts = {m['mountPath'] for m in c['volumeMounts']}
 assert {'/sys/kernel/tracing', '/sys/fs/cgroup'} <= mounts, mounts
 assert svc['spec']['selector'].items() <= ds['spec']['template']['metadata']['labels'].items()
 role = docs['clusterrole.yaml']
-assert role['rules'] == [{'apiGroups': [''], 'resources': ['pods'], 'verbs': ['list', 'watch']}], role
+assert role['rules'] == [
+    {'apiGroups': [''], 'resources': ['pods', 'services'], 'verbs': ['list', 'watch']},
+    {'apiGroups': ['discovery.k8s.io'], 'resources': ['endpointslices'], 'verbs': ['list', 'watch']},
+], role
 binding = docs['clusterrolebinding.yaml']
 sa = docs['serviceaccount.yaml']
 assert binding['subjects'][0]['name'] == sa['metadata']['name'] == pod['serviceAccountName']
@@ -770,4 +773,139 @@ print('ok')
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// Remote peers are named from the cluster-wide Service and EndpointSlice watches: a client
+/// connecting to a Service's cluster IP (as behind kube-proxy) sees the Service; one connecting
+/// to the endpoint of a pod on another node sees that pod and its Service.
+#[test]
+fn peers_are_named_from_services_and_endpoint_slices() {
+    let _turn = exclusive();
+    let node = "node-p";
+    let api = ApiServer::start();
+    // The Redis behind Service data/redis: cluster IP 127.0.0.5, and one endpoint, pod
+    // data/redis-1 of another node, at 127.0.0.6 (one real server listening on both).
+    let mut server = pod(
+        "node-other",
+        "data",
+        "redis-1",
+        "redis",
+        "127.0.0.6",
+        None,
+        &[],
+        Driver::Systemd,
+    );
+    let port = free_port().to_string();
+    server.cgroup.spawn(
+        "redis-server",
+        &[
+            "--port",
+            &port,
+            "--bind",
+            "127.0.0.5",
+            "127.0.0.6",
+            "--save",
+            "",
+            "--protected-mode",
+            "no",
+        ],
+    );
+    wait_for("redis-server on both addresses", || {
+        ["127.0.0.5", "127.0.0.6"].iter().all(|ip| {
+            Command::new("redis-cli")
+                .args(["-h", ip, "-p", &port, "PING"])
+                .output()
+                .is_ok_and(|o| o.stdout == b"PONG\n")
+        })
+    });
+    api.set_collection(
+        "/api/v1/services",
+        vec![serde_json::json!({
+            "metadata": {"name": "redis", "namespace": "data", "uid": pod_uid(),
+                         "resourceVersion": "7"},
+            "spec": {"type": "ClusterIP", "clusterIP": "127.0.0.5", "clusterIPs": ["127.0.0.5"],
+                     "ports": [{"name": "redis", "port": 6379, "protocol": "TCP",
+                                "targetPort": port.parse::<u16>().expect("port")}]}
+        })],
+    );
+    api.set_collection(
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        vec![serde_json::json!({
+            "metadata": {"name": "redis-x7k2p", "namespace": "data", "uid": pod_uid(),
+                         "resourceVersion": "8",
+                         "labels": {"kubernetes.io/service-name": "redis"}},
+            "addressType": "IPv4",
+            "endpoints": [{
+                "addresses": ["127.0.0.6"],
+                "conditions": {"ready": true},
+                "nodeName": "node-other",
+                "targetRef": {"kind": "Pod", "namespace": "data", "name": "redis-1",
+                              "uid": server.spec.uid}
+            }],
+            "ports": [{"name": "redis", "port": port.parse::<u16>().expect("port"),
+                       "protocol": "TCP"}]
+        })],
+    );
+    let mut app = pod(
+        node,
+        "prod",
+        "app-0",
+        "app",
+        "10.244.9.1",
+        None,
+        &[],
+        Driver::Cgroupfs,
+    );
+    api.add(&app.spec);
+    let kubeconfig = api.kubeconfig();
+    let daemon = Daemon::start(&["--kubeconfig", kubeconfig.to_str().expect("utf-8")], node);
+    daemon.wait_synced();
+    wait_for("both peer watches synced", || {
+        daemon.log_text().matches("peer names synced").count() >= 2
+    });
+    for (ip, key) in [("127.0.0.5", "via-service"), ("127.0.0.6", "via-endpoint")] {
+        app.cgroup
+            .run("redis-cli", &["-h", ip, "-p", &port, "SET", key, "v"]);
+    }
+    let peers = || {
+        daemon.stats(&[
+            "-n",
+            "prod",
+            "--role",
+            "client",
+            "--group-by",
+            "peer,command",
+        ])
+    };
+    wait_for("both SETs", || {
+        peers()
+            .iter()
+            .filter(|r| field(r, "command") == "set")
+            .count()
+            == 2
+    });
+    let rows = peers();
+    let by_peer = |peer: &str| {
+        rows.iter()
+            .find(|r| field(r, "command") == "set" && field(r, "peer") == peer)
+            .unwrap_or_else(|| panic!("no row for {peer}: {rows:?}"))
+    };
+    let via_service = by_peer(&format!("127.0.0.5:{port}"));
+    assert_eq!(field(via_service, "peer_service"), "data/redis");
+    assert_eq!(field(via_service, "peer_pod"), "");
+    let via_endpoint = by_peer(&format!("127.0.0.6:{port}"));
+    assert_eq!(field(via_endpoint, "peer_service"), "data/redis");
+    assert_eq!(field(via_endpoint, "peer_pod"), "data/redis-1");
+    let requests = api.request_log();
+    for path in [
+        "/api/v1/services",
+        "/apis/discovery.k8s.io/v1/endpointslices",
+    ] {
+        assert!(
+            requests
+                .iter()
+                .any(|r| r.starts_with(path) && r.contains("watch=true")),
+            "{path} is watched: {requests:?}"
+        );
+    }
 }

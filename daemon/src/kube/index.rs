@@ -201,6 +201,8 @@ fn short(id: &str) -> &str {
 #[derive(Debug)]
 pub struct PodIndex {
     inner: RwLock<Inner>,
+    /// Remote peers' names (Services, endpoints) from the cluster-wide watches.
+    pub peers: super::peers::PeerIndex,
     sync: RwLock<String>,
     grace: Duration,
 }
@@ -209,6 +211,7 @@ impl PodIndex {
     pub fn new(grace: Duration) -> PodIndex {
         PodIndex {
             inner: RwLock::default(),
+            peers: super::peers::PeerIndex::default(),
             sync: RwLock::new("syncing".to_owned()),
             grace,
         }

@@ -9,6 +9,7 @@
 //! on; events keep process and container attribution and get pod names once the pods are known
 //! (misses are not cached).
 pub mod index;
+pub mod peers;
 
 use std::{collections::HashSet, path::PathBuf, str::FromStr, sync::Arc, time::Duration};
 
@@ -19,7 +20,11 @@ use ::kube::{
 };
 use anyhow::Context;
 use futures_util::StreamExt;
-use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use peers::PeerKind;
 use tokio::sync::watch as signal;
 
 pub use index::{Labels, PodIndex, PodMeta};
@@ -95,7 +100,8 @@ pub async fn client(config: &KubeConfig) -> anyhow::Result<Option<Client>> {
     Ok(Some(client))
 }
 
-/// Starts the pod watcher; it runs until `stop` turns true.
+/// Starts the pod watcher and the cluster-wide peer watches (Services, EndpointSlices); they
+/// run until `stop` turns true.
 pub fn start(
     client: Client,
     config: &KubeConfig,
@@ -105,11 +111,84 @@ pub fn start(
     let node = config.node_name.clone();
     let retry_max = config.retry_max;
     tokio::spawn(async move {
+        let services = watch_peers(
+            Api::<Service>::all(client.clone()),
+            Arc::clone(&index),
+            PeerKind::Services,
+            peers::service_names,
+            retry_max,
+        );
+        let endpoints = watch_peers(
+            Api::<EndpointSlice>::all(client.clone()),
+            Arc::clone(&index),
+            PeerKind::Endpoints,
+            peers::endpoint_names,
+            retry_max,
+        );
         tokio::select! {
             () = watch_pods(client, node, index, retry_max) => {}
+            () = services => {}
+            () = endpoints => {}
             () = crate::serve::stopped(stop) => {}
         }
     })
+}
+
+/// Keeps one kind of peer names current: list + watch, re-list after errors (as the pod
+/// watcher does). A cluster without permission for this kind only loses those names.
+async fn watch_peers<K>(
+    api: Api<K>,
+    index: Arc<PodIndex>,
+    kind: PeerKind,
+    names: fn(&K) -> Vec<(std::net::IpAddr, peers::PeerName)>,
+    retry_max: Duration,
+) where
+    K: ::kube::Resource
+        + Clone
+        + std::fmt::Debug
+        + k8s_openapi::serde::de::DeserializeOwned
+        + Send
+        + 'static,
+    K::DynamicType: Default,
+{
+    let mut backoff = Backoff::new(retry_max);
+    loop {
+        let config = watcher::Config::default().timeout(290);
+        let mut stream = watcher::watcher(api.clone(), config).boxed();
+        let mut listed: Option<HashSet<String>> = None;
+        let key = |object: &K| {
+            peers::object_key(
+                object.meta().namespace.as_deref(),
+                object.meta().name.as_deref(),
+            )
+        };
+        let failure = loop {
+            match stream.next().await {
+                None => break "the watch ended".to_owned(),
+                Some(Ok(Event::Init)) => listed = Some(HashSet::new()),
+                Some(Ok(Event::InitApply(object) | Event::Apply(object))) => {
+                    let object_key = key(&object);
+                    if let Some(listed) = &mut listed {
+                        listed.insert(object_key.clone());
+                    }
+                    index.peers.apply(kind, object_key, names(&object));
+                }
+                Some(Ok(Event::InitDone)) => {
+                    if let Some(listed) = listed.take() {
+                        index.peers.retain_listed(kind, &listed);
+                    }
+                    tracing::info!(?kind, "peer names synced");
+                    backoff.reset();
+                }
+                Some(Ok(Event::Delete(object))) => index.peers.remove(kind, &key(&object)),
+                Some(Err(error)) => break describe(&error),
+            }
+        };
+        drop(stream);
+        let delay = backoff.next_delay();
+        tracing::warn!(%failure, ?kind, retry_in = ?delay, "peer watcher: re-listing after a pause");
+        tokio::time::sleep(delay).await;
+    }
 }
 
 async fn watch_pods(client: Client, node: String, index: Arc<PodIndex>, retry_max: Duration) {

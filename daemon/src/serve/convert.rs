@@ -57,6 +57,7 @@ pub fn event(key: &RowKey, event: &CommandEvent, attributor: &Attributor) -> v1:
         workload,
         workload_kind,
         peer_pod: attributor.peer_pod(&peer_addr),
+        peer_service: attributor.peer_service(&peer_addr),
     }
 }
 
@@ -87,6 +88,7 @@ pub fn row(key: &RowKey, stats: &RowStats, attributor: &Attributor) -> v1::Stats
         workload,
         workload_kind,
         peer_pod: attributor.peer_pod(&key.peer),
+        peer_service: attributor.peer_service(&key.peer),
     }
 }
 

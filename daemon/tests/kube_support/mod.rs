@@ -299,7 +299,22 @@ struct State {
     lists: u64,
     watches: u64,
     requests: Vec<String>,
+    /// Other collections (Services, EndpointSlices) by path: listed as set, watched quietly.
+    collections: BTreeMap<&'static str, Vec<Value>>,
+    /// Bumped when a collection changes: its open watches end.
+    collection_changes: u64,
 }
+
+/// Paths of the cluster-wide collections the double can serve besides pods, with their list
+/// kind and apiVersion.
+const COLLECTIONS: &[(&str, &str, &str)] = &[
+    ("/api/v1/services", "ServiceList", "v1"),
+    (
+        "/apis/discovery.k8s.io/v1/endpointslices",
+        "EndpointSliceList",
+        "discovery.k8s.io/v1",
+    ),
+];
 
 /// A Kubernetes API server double serving `GET /api/v1/pods` (list and watch, with the field
 /// selector applied) in the real wire format.
@@ -462,6 +477,17 @@ impl ApiServer {
     pub fn request_log(&self) -> Vec<String> {
         self.state.0.lock().expect("state").requests.clone()
     }
+
+    /// Sets the objects of a collection in [`COLLECTIONS`] (Service or EndpointSlice JSON, as the
+    /// real server sends them); open watches of it end so the client re-lists.
+    pub fn set_collection(&self, path: &'static str, items: Vec<Value>) {
+        let (lock, cvar) = &*self.state;
+        let mut state = lock.lock().expect("state");
+        state.rv += 1;
+        state.collections.insert(path, items);
+        state.collection_changes += 1;
+        cvar.notify_all();
+    }
 }
 
 impl Drop for ApiServer {
@@ -579,6 +605,12 @@ fn serve(stream: TcpStream, shared: &Arc<(Mutex<State>, Condvar)>) -> std::io::R
     let (path, params) = query(target);
     let (lock, cvar) = &**shared;
     lock.lock().expect("state").requests.push(target.to_owned());
+    if method == "GET"
+        && let Some((path, list_kind, api_version)) =
+            COLLECTIONS.iter().find(|(known, ..)| *known == path)
+    {
+        return serve_collection(stream, shared, path, list_kind, api_version, &params);
+    }
     if method != "GET" || path != "/api/v1/pods" {
         return respond(
             &mut stream,
@@ -698,6 +730,45 @@ fn serve(stream: TcpStream, shared: &Arc<(Mutex<State>, Condvar)>) -> std::io::R
             last_bookmark = Instant::now();
         }
     }
+}
+
+/// A collection other than pods: the list as set; a watch that sends nothing and ends when the
+/// collection changes (or after a while), so the client re-lists and sees the change.
+fn serve_collection(
+    mut stream: TcpStream,
+    shared: &Arc<(Mutex<State>, Condvar)>,
+    path: &'static str,
+    list_kind: &str,
+    api_version: &str,
+    params: &BTreeMap<String, String>,
+) -> std::io::Result<()> {
+    let (lock, cvar) = &**shared;
+    if !params.get("watch").is_some_and(|w| w == "true" || w == "1") {
+        let state = lock.lock().expect("state");
+        let body = json!({
+            "apiVersion": api_version, "kind": list_kind,
+            "metadata": {"resourceVersion": state.rv.to_string()},
+            "items": state.collections.get(path).cloned().unwrap_or_default()
+        });
+        drop(state);
+        return respond(&mut stream, 200, &body);
+    }
+    write!(
+        stream,
+        "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+    )?;
+    stream.flush()?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut state = lock.lock().expect("state");
+    let changes = state.collection_changes;
+    while state.collection_changes == changes && state.up && Instant::now() < deadline {
+        state = cvar
+            .wait_timeout(state, Duration::from_millis(200))
+            .expect("wait")
+            .0;
+    }
+    drop(state);
+    write!(stream, "0\r\n\r\n")
 }
 
 // ---------------------------------------------------------------------------------------------
