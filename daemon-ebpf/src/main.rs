@@ -15,8 +15,7 @@ use aya_ebpf::{
     bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_user,
-        bpf_probe_read_user_buf,
+        bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
     },
     macros::{map, tracepoint},
     maps::{HashMap, LruHashMap, PerCpuArray, RingBuf},
@@ -322,13 +321,7 @@ fn classify(ptr: u64, len: u64) -> bool {
     looks_like_resp(&peek, n)
 }
 
-fn fill_header(
-    header: &mut RecordHeader,
-    syscall: Syscall,
-    fd: i32,
-    state: &ConnState,
-    flags: u8,
-) {
+fn fill_header(header: &mut RecordHeader, syscall: Syscall, fd: i32, state: &ConnState, flags: u8) {
     // SAFETY: plain helper calls.
     unsafe {
         header.ts_ns = bpf_ktime_get_ns();
