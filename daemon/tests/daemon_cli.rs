@@ -1,9 +1,10 @@
 //! The `respwatchd` binary as a user runs it: it starts, attaches, detaches on SIGTERM/SIGINT
 //! leaving no program behind, and refuses clearly when it lacks privileges, tracefs, kernel
 //! features, or sane flags.
+mod ports;
+use ports::free_port;
 use std::{
     io::{BufRead, BufReader},
-    net::TcpListener,
     process::{Child, Command, Output, Stdio},
     sync::mpsc,
     time::Duration,
@@ -17,13 +18,6 @@ const OUR_PROGRAMS: &[&str] = &[
     "sys_exit_new_so",
     "sys_enter_conne",
 ];
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("port")
-}
 
 fn daemon() -> Command {
     let mut command = Command::new(DAEMON);

@@ -5,6 +5,7 @@
 //! hierarchies named exactly as kubelet names them (systemd and cgroupfs drivers); the real
 //! `redisctl` and `/metrics` read the result.
 mod kube_support;
+mod ports;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

@@ -2,4 +2,6 @@
 //! test filters what it saw by its own redis-server and client processes.
 mod capture;
 mod commandstats;
+#[path = "../ports/mod.rs"]
+mod ports;
 mod support;

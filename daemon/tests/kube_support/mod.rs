@@ -956,12 +956,7 @@ pub fn redis_server(cgroup: &mut ContainerCgroup, ip: &str) -> u16 {
     port
 }
 
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+pub use crate::ports::free_port;
 
 /// A plain HTTP/1.0 GET; returns the body (panics on non-200).
 pub fn http_get(addr: &str, path: &str) -> String {

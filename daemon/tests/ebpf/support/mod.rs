@@ -7,7 +7,6 @@
 
 use std::{
     collections::BTreeMap,
-    net::TcpListener,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
     sync::{Arc, Mutex, OnceLock},
@@ -39,12 +38,7 @@ pub fn node_modules() -> PathBuf {
     repo_root().join("target/test-env/node/node_modules")
 }
 
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
+pub use crate::ports::free_port;
 
 /// A real redis-server on a free loopback port, killed on drop.
 pub struct RedisServer {
