@@ -1,5 +1,6 @@
 //! `redisctl`: respwatch's command line. Everything goes through the daemon's gRPC API.
 mod client;
+mod cluster;
 mod cmd;
 mod filters;
 mod format;
@@ -20,12 +21,21 @@ use clap::{Parser, Subcommand};
   redisctl stats --group-by pod,command        per-pod command stats (INFO commandstats names)
   redisctl top                                 busiest commands, refreshed every 2s
   redisctl --server unix:/run/respwatch.sock status
+  redisctl --cluster watch -n shop             every node's commands, merged, node on each line
+  redisctl --cluster stats --group-by pod      one table for the whole cluster, NODE column
+  redisctl --cluster status                    one row per node
 
-The daemon address comes from --server or RESPWATCH_SERVER (default 127.0.0.1:50051)."
+The daemon address comes from --server or RESPWATCH_SERVER (default 127.0.0.1:50051).
+With --cluster, redisctl lists the respwatchd pods through the Kubernetes API (--kubeconfig,
+$KUBECONFIG, ~/.kube/config or the in-cluster service account) and connects to each pod IP
+directly: run it inside the cluster (a pod) or on a node, where pod IPs are reachable.
+`top` shows one daemon; use --server for it."
 )]
 struct Cli {
     #[command(flatten)]
     server: client::ServerArgs,
+    #[command(flatten)]
+    cluster: cluster::ClusterArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -36,7 +46,8 @@ enum Command {
     Watch(cmd::watch::WatchArgs),
     /// Per-command stats grouped by pod/process (like INFO commandstats).
     Stats(cmd::stats::StatsArgs),
-    /// Busiest, slowest or failing commands over a recent window, refreshed like top.
+    /// Busiest, slowest or failing commands over a recent window, refreshed like top (one node;
+    /// not with --cluster).
     Top(cmd::top::TopArgs),
     /// The daemon's version, uptime, counters and losses.
     Status(cmd::status::StatusArgs),
@@ -55,13 +66,21 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let server = cli.server;
+    let (server, cluster) = (cli.server, cli.cluster);
     let result = runtime.block_on(async move {
-        match cli.command {
-            Command::Watch(args) => cmd::watch::run(&server, args).await,
-            Command::Stats(args) => cmd::stats::run(&server, args).await,
-            Command::Top(args) => cmd::top::run(&server, args).await,
-            Command::Status(args) => cmd::status::run(&server, args).await,
+        match (cli.command, cluster.cluster) {
+            (Command::Watch(args), false) => cmd::watch::run(&server, args).await,
+            (Command::Watch(args), true) => cmd::watch::run_cluster(&server, &cluster, args).await,
+            (Command::Stats(args), false) => cmd::stats::run(&server, args).await,
+            (Command::Stats(args), true) => cmd::stats::run_cluster(&server, &cluster, args).await,
+            (Command::Top(args), false) => cmd::top::run(&server, args).await,
+            (Command::Top(_), true) => Err(anyhow::anyhow!(
+                "top shows one daemon: drop --cluster and point --server at a node's daemon (for a cluster-wide view: stats --cluster --window 60s)"
+            )),
+            (Command::Status(args), false) => cmd::status::run(&server, args).await,
+            (Command::Status(args), true) => {
+                cmd::status::run_cluster(&server, &cluster, args).await
+            }
         }
     });
     match result {

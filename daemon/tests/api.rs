@@ -3,6 +3,7 @@
 //! real `redisctl`, grpcurl, Prometheus and promtool.
 mod api_support;
 mod ports;
+mod redisctl_bin;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

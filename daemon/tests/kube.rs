@@ -6,6 +6,7 @@
 //! `redisctl` and `/metrics` read the result.
 mod kube_support;
 mod ports;
+mod redisctl_bin;
 
 use std::{
     collections::{BTreeMap, BTreeSet},

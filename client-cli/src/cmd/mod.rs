@@ -62,6 +62,16 @@ impl Group {
 }
 
 pub fn sort_rows(rows: &mut [respwatch_proto::v1::StatsRow], by: SortBy) {
+    rows.sort_by(|a, b| compare_rows(a, b, by));
+}
+
+/// The order of `stats` and `top` rows: by the sort key (descending), then calls, then who.
+/// Shared so that `--cluster` merges rows from many nodes in the same order.
+pub fn compare_rows(
+    a: &respwatch_proto::v1::StatsRow,
+    b: &respwatch_proto::v1::StatsRow,
+    by: SortBy,
+) -> std::cmp::Ordering {
     use std::cmp::Ordering;
     let key = |row: &respwatch_proto::v1::StatsRow| -> f64 {
         match by {
@@ -73,19 +83,17 @@ pub fn sort_rows(rows: &mut [respwatch_proto::v1::StatsRow], by: SortBy) {
             }
         }
     };
-    rows.sort_by(|a, b| {
-        key(b)
-            .partial_cmp(&key(a))
-            .unwrap_or(Ordering::Equal)
-            .then_with(|| b.calls.cmp(&a.calls))
-            .then_with(|| {
-                (&a.namespace, &a.pod, a.pid, &a.command, a.role).cmp(&(
-                    &b.namespace,
-                    &b.pod,
-                    b.pid,
-                    &b.command,
-                    b.role,
-                ))
-            })
-    });
+    key(b)
+        .partial_cmp(&key(a))
+        .unwrap_or(Ordering::Equal)
+        .then_with(|| b.calls.cmp(&a.calls))
+        .then_with(|| {
+            (&a.namespace, &a.pod, a.pid, &a.command, a.role).cmp(&(
+                &b.namespace,
+                &b.pod,
+                b.pid,
+                &b.command,
+                b.role,
+            ))
+        })
 }

@@ -3,9 +3,10 @@ use std::time::Duration;
 
 use respwatch_proto::v1;
 
-use super::{Group, SortBy, TableOutput, sort_rows};
+use super::{Group, SortBy, TableOutput, compare_rows, sort_rows};
 use crate::{
     client::{ServerArgs, connect, status_error},
+    cluster::{ClusterArgs, Failure, call_all, discover, none_answered, partition},
     filters::{FilterArgs, parse_duration},
     format::{emit, error_total, latency_usec, role, row_json, table, who},
 };
@@ -16,7 +17,11 @@ use crate::{
   redisctl stats --group-by pod,command -n shop    per pod of namespace shop
   redisctl stats --role server --sort p99          Redis servers' slowest commands
   redisctl stats --window 60s --errors-only        what failed in the last minute
-  redisctl stats -o json                           one JSON array (INFO commandstats names)")]
+  redisctl stats -o json                           one JSON array (INFO commandstats names)
+  redisctl --cluster stats -n shop                 every node's rows in one table (NODE column)
+
+With --cluster, JSON rows carry \"node\"; a node that gave no answer is named on stderr, under
+the table, and in the JSON array as {\"node\", \"pod\", \"address\", \"error\"}.")]
 pub struct StatsArgs {
     #[command(flatten)]
     pub filters: FilterArgs,
@@ -80,8 +85,89 @@ pub async fn run(server: &ServerArgs, args: StatsArgs) -> anyhow::Result<()> {
     }
 }
 
+/// `redisctl --cluster stats`: GetStats on every node's daemon at once, rows merged into one
+/// table (NODE column) in the usual order. Nodes that did not answer go to stderr and the
+/// footer (JSON: an `error` entry), so a partial answer never looks complete; the exit status
+/// is non-zero only when no node answered.
+pub async fn run_cluster(
+    server: &ServerArgs,
+    cluster: &ClusterArgs,
+    args: StatsArgs,
+) -> anyhow::Result<()> {
+    let found = discover(cluster).await?;
+    let (filters, group_by, window) = (args.filters.clone(), args.group_by.clone(), args.window);
+    let answers = call_all(&found.daemons, server, move |daemon| {
+        let (filters, group_by) = (filters.clone(), group_by.clone());
+        async move { fetch(&daemon, &filters, &group_by, window).await }
+    })
+    .await;
+    let (answered, failed) = partition(&found, answers);
+    for failure in &failed {
+        failure.report();
+    }
+    if answered.is_empty() {
+        return Err(none_answered("stats", found.nodes()));
+    }
+    let mut rows: Vec<(String, v1::StatsRow)> = answered
+        .into_iter()
+        .flat_map(|(daemon, response)| {
+            let node = if response.node.is_empty() {
+                daemon.node
+            } else {
+                response.node
+            };
+            response
+                .rows
+                .into_iter()
+                .map(move |row| (node.clone(), row))
+        })
+        .collect();
+    rows.sort_by(|(a_node, a), (b_node, b)| {
+        compare_rows(a, b, args.sort).then_with(|| a_node.cmp(b_node))
+    });
+    if args.limit > 0 {
+        rows.truncate(args.limit);
+    }
+    match args.output {
+        TableOutput::Json => {
+            let mut array: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(node, row)| {
+                    let mut value = row_json(row);
+                    if let Some(object) = value.as_object_mut() {
+                        object.insert("node".to_owned(), node.clone().into());
+                    }
+                    value
+                })
+                .collect();
+            array.extend(failed.iter().map(Failure::json));
+            emit(&format!("{}\n", serde_json::Value::Array(array)))
+        }
+        TableOutput::Table => {
+            let mut text = table_of(rows.iter().map(|(node, row)| (Some(node.as_str()), row)));
+            if !failed.is_empty() {
+                let nodes: Vec<&str> = failed.iter().map(|f| f.node.as_str()).collect();
+                text.push_str(&format!(
+                    "\n{} of {} nodes answered; not answered: {}\n",
+                    found.nodes() - failed.len(),
+                    found.nodes(),
+                    nodes.join(", ")
+                ));
+            }
+            emit(&text)
+        }
+    }
+}
+
 pub fn render(rows: &[v1::StatsRow]) -> String {
-    let header = [
+    table_of(rows.iter().map(|row| (None, row)))
+}
+
+/// The stats table; a NODE column first when rows come with nodes (`--cluster`).
+fn table_of<'a>(rows: impl Iterator<Item = (Option<&'a str>, &'a v1::StatsRow)>) -> String {
+    let rows: Vec<_> = rows.collect();
+    let with_nodes = rows.iter().any(|(node, _)| node.is_some());
+    let mut header = vec![
         "WHO",
         "ROLE",
         "COMMAND",
@@ -95,15 +181,22 @@ pub fn render(rows: &[v1::StatsRow]) -> String {
         "REJECTED",
         "ERRORS",
     ];
+    let mut numeric = vec![
+        false, false, false, true, true, true, true, true, true, true, true, false,
+    ];
+    if with_nodes {
+        header.insert(0, "NODE");
+        numeric.insert(0, false);
+    }
     let cells: Vec<Vec<String>> = rows
         .iter()
-        .map(|row| {
+        .map(|(node, row)| {
             let errors: Vec<String> = row
                 .errors
                 .iter()
                 .map(|(prefix, count)| format!("{prefix}:{count}"))
                 .collect();
-            vec![
+            let mut cells = vec![
                 who(&row.namespace, &row.pod, &row.comm, row.pid),
                 role(row.role).to_owned(),
                 if row.command.is_empty() {
@@ -124,11 +217,12 @@ pub fn render(rows: &[v1::StatsRow]) -> String {
                 } else {
                     errors.join(",")
                 },
-            ]
+            ];
+            if with_nodes {
+                cells.insert(0, node.unwrap_or_default().to_owned());
+            }
+            cells
         })
         .collect();
-    let numeric = [
-        false, false, false, true, true, true, true, true, true, true, true, false,
-    ];
     table(&header, &cells, &numeric)
 }

@@ -7,6 +7,7 @@ use serde_json::json;
 use super::WatchOutput;
 use crate::{
     client::{ServerArgs, connect, status_error},
+    cluster::{ClusterArgs, Delivery, Failure, discover, none_answered, watch_all},
     filters::{EventFilterArgs, FilterArgs, parse_duration},
     format::{clock, colour_enabled, latency_ns, paint, rfc3339, role, who},
 };
@@ -17,7 +18,8 @@ use crate::{
   redisctl watch -n shop --pod web --errors-only  failing commands of shop/web-* pods
   redisctl watch --pid 4242 --command get         GETs of one process
   redisctl watch --role server --min-latency 5ms  slow commands, as Redis servers see them
-  redisctl watch --last 100 -o json --count 100   the last 100 commands, as JSON lines")]
+  redisctl watch --last 100 -o json --count 100   the last 100 commands, as JSON lines
+  redisctl --cluster watch -n shop                every node's, merged (NODE column; --last N per node)")]
 pub struct WatchArgs {
     #[command(flatten)]
     pub filters: FilterArgs,
@@ -70,20 +72,39 @@ pub async fn run(server: &ServerArgs, args: WatchArgs) -> anyhow::Result<()> {
         let Some(message) = message.map_err(|s| status_error(&server.server, s))? else {
             return Ok(());
         };
-        let line = match (&message.kind, args.output) {
-            (Some(Kind::Event(event)), WatchOutput::Compact) => {
-                shown += 1;
-                compact(event, colour)
-            }
-            (Some(Kind::Event(event)), WatchOutput::Json) => {
-                shown += 1;
-                event_json(&message, event).to_string()
-            }
-            (Some(Kind::LostEvents(lost)), WatchOutput::Compact) => {
-                let source = v1::LossSource::try_from(lost.source).unwrap_or_default().short_name();
-                paint(colour, "1;33", &format!("!! lost {} events ({source})", lost.count))
-            }
-            (Some(Kind::LostEvents(lost)), WatchOutput::Json) => json!({
+        let Some((line, is_event)) = render(&message, args.output, colour, None) else {
+            continue;
+        };
+        shown += u64::from(is_event);
+        let mut out = stdout.lock();
+        if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+            // The reader went away (e.g. `| head`): done.
+            return Ok(());
+        }
+    }
+}
+
+/// One output line for a message, and whether it is a command event (what --count counts).
+/// `node` is the padded NODE column of `--cluster` compact output.
+fn render(
+    message: &v1::WatchResponse,
+    output: WatchOutput,
+    colour: bool,
+    node: Option<&str>,
+) -> Option<(String, bool)> {
+    let rendered = match (&message.kind, output) {
+        (Some(Kind::Event(event)), WatchOutput::Compact) => (compact(node, event, colour), true),
+        (Some(Kind::Event(event)), WatchOutput::Json) => {
+            (event_json(message, event).to_string(), true)
+        }
+        (Some(Kind::LostEvents(lost)), WatchOutput::Compact) => {
+            let source = v1::LossSource::try_from(lost.source).unwrap_or_default().short_name();
+            let on = node.map(|n| format!("{}: ", n.trim_end())).unwrap_or_default();
+            let text = format!("!! {on}lost {} events ({source})", lost.count);
+            (paint(colour, "1;33", &text), false)
+        }
+        (Some(Kind::LostEvents(lost)), WatchOutput::Json) => (
+            json!({
                 "node": message.node,
                 "sequence": message.sequence,
                 "lost_events": {
@@ -94,18 +115,102 @@ pub async fn run(server: &ServerArgs, args: WatchArgs) -> anyhow::Result<()> {
                 },
             })
             .to_string(),
-            (None, _) => continue,
+            false,
+        ),
+        (None, _) => return None,
+    };
+    Some(rendered)
+}
+
+/// `redisctl --cluster watch`: Watch on every node's daemon at once, merged into one output in
+/// arrival order; compact lines get a NODE column, JSON lines carry `node` as always. A daemon
+/// that cannot be reached or whose stream breaks is named on stderr and the rest go on; the
+/// exit status is non-zero only when every node failed.
+pub async fn run_cluster(
+    server: &ServerArgs,
+    cluster: &ClusterArgs,
+    args: WatchArgs,
+) -> anyhow::Result<()> {
+    let found = discover(cluster).await?;
+    for failure in &found.not_running {
+        failure.report();
+    }
+    if found.daemons.is_empty() {
+        return Err(none_answered("watch", found.nodes()));
+    }
+    let mut filter = args.filters.to_proto();
+    args.events.apply(&mut filter);
+    let request = v1::WatchRequest {
+        allow: vec![filter],
+        deny: Vec::new(),
+        last: args.last,
+    };
+    // The tasks stay owned here: returning drops them, which closes every stream.
+    let (_tasks, mut deliveries) = watch_all(&found.daemons, server, &request);
+    let colour = colour_enabled();
+    let width = found.node_width();
+    let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
+    let (mut shown, mut failed) = (0u64, found.not_running.len());
+    let stdout = std::io::stdout();
+    loop {
+        if args.count.is_some_and(|count| shown >= count) {
+            return Ok(());
+        }
+        let next = deliveries.recv();
+        let delivery = match deadline {
+            Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
+                Ok(delivery) => delivery,
+                Err(_) => return Ok(()),
+            },
+            None => next.await,
         };
+        let Some(delivery) = delivery else {
+            // Every stream is over.
+            return if failed >= found.nodes() {
+                Err(none_answered("watch", found.nodes()))
+            } else {
+                Ok(())
+            };
+        };
+        let (index, mut message) = match delivery {
+            Delivery::Message(index, message) => (index, message),
+            Delivery::Failed(index, error) => {
+                if let Some(daemon) = found.daemons.get(index) {
+                    Failure::of(daemon, &error).report();
+                }
+                failed += 1;
+                continue;
+            }
+            Delivery::Ended(index) => {
+                if let Some(daemon) = found.daemons.get(index) {
+                    eprintln!(
+                        "redisctl: node {} ({}): the daemon ended the stream",
+                        daemon.node, daemon.address
+                    );
+                }
+                continue;
+            }
+        };
+        if message.node.is_empty()
+            && let Some(daemon) = found.daemons.get(index)
+        {
+            message.node.clone_from(&daemon.node);
+        }
+        let node = format!("{:<width$}", message.node);
+        let Some((line, is_event)) = render(&message, args.output, colour, Some(&node)) else {
+            continue;
+        };
+        shown += u64::from(is_event);
         let mut out = stdout.lock();
         if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
-            // The reader went away (e.g. `| head`): done.
             return Ok(());
         }
     }
 }
 
-/// `time  who  role  command  key  latency  reply-or-error`.
-pub fn compact(event: &v1::CommandEvent, colour: bool) -> String {
+/// `time  who  role  command  key  latency  reply-or-error`, with a NODE column after the time
+/// when `node` is given (`--cluster`).
+pub fn compact(node: Option<&str>, event: &v1::CommandEvent, colour: bool) -> String {
     let who = who(&event.namespace, &event.pod, &event.comm, event.pid);
     let key = if event.key.is_empty() {
         "-"
@@ -128,8 +233,9 @@ pub fn compact(event: &v1::CommandEvent, colour: bool) -> String {
     } else {
         latency
     };
+    let node = node.map(|n| format!("{n}  ")).unwrap_or_default();
     format!(
-        "{}  {who}  {}  {}  {key}  {latency}  {outcome}",
+        "{}  {node}{who}  {}  {}  {key}  {latency}  {outcome}",
         paint(colour, "2", &clock(event.time.as_ref())),
         role(event.role),
         paint(colour, "1", &event.command),
@@ -162,6 +268,7 @@ pub fn event_json(message: &v1::WatchResponse, event: &v1::CommandEvent) -> serd
         "local_addr": event.local_addr,
         "peer_addr": event.peer_addr,
         "peer_pod": event.peer_pod,
+        "peer_service": event.peer_service,
         "connection": event.connection,
         "in_transaction": event.in_transaction,
     })

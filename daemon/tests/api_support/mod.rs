@@ -202,33 +202,7 @@ pub fn wait_for_subscribers(n: u32) {
     });
 }
 
-/// The `redisctl` binary next to `respwatchd`, built (or brought up to date) once per run:
-/// `cargo test -p respwatchd` alone does not build other packages' binaries.
-pub fn redisctl_path() -> PathBuf {
-    static BUILT: OnceLock<PathBuf> = OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = PathBuf::from(env!("CARGO_BIN_EXE_respwatchd"));
-            let profile_dir = exe.parent().expect("profile dir").to_path_buf();
-            let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
-            let mut build =
-                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
-            build
-                .args(["build", "-q", "-p", "redisctl"])
-                .env("CARGO_TARGET_DIR", &target_dir)
-                .current_dir(repo_root());
-            if profile_dir
-                .file_name()
-                .is_some_and(|name| name == "release")
-            {
-                build.arg("--release");
-            }
-            let status = build.status().expect("cargo build -p redisctl");
-            assert!(status.success(), "building redisctl failed");
-            profile_dir.join("redisctl")
-        })
-        .clone()
-}
+pub use crate::redisctl_bin::redisctl_path;
 
 pub fn redisctl() -> Command {
     let path = redisctl_path();

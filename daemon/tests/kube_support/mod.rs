@@ -280,6 +280,55 @@ impl PodSpec {
     }
 }
 
+/// A respwatchd DaemonSet pod as the API server returns it (labels as in
+/// deploy/daemonset.yaml, container ports `grpc` and `metrics`), for `redisctl --cluster`'s
+/// discovery.
+pub fn daemon_pod_json(namespace: &str, name: &str, node: &str, ip: &str, grpc_port: u16) -> Value {
+    let spec = PodSpec {
+        uid: pod_uid(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        labels: [
+            ("app.kubernetes.io/name", "respwatch"),
+            ("app.kubernetes.io/component", "node-daemon"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+        owner: Some(("DaemonSet".to_owned(), "respwatch".to_owned())),
+        node: node.to_owned(),
+        ip: ip.to_owned(),
+        containers: vec![("respwatchd".to_owned(), container_id())],
+    };
+    let mut pod = spec.to_json();
+    pod["spec"]["containers"][0]["ports"] = json!([
+        {"name": "metrics", "containerPort": 9464, "protocol": "TCP"},
+        {"name": "grpc", "containerPort": grpc_port, "protocol": "TCP"},
+    ]);
+    pod
+}
+
+/// Whether `pod` matches a label selector of `k=v`, `k==v` and `k!=v` terms (comma-separated;
+/// what the double understands of the real syntax).
+pub fn labels_match(pod: &Value, selector: &str) -> bool {
+    let labels = &pod["metadata"]["labels"];
+    selector
+        .split(',')
+        .map(str::trim)
+        .filter(|term| !term.is_empty())
+        .all(|term| {
+            if let Some((key, value)) = term.split_once("!=") {
+                labels[key.trim()].as_str() != Some(value.trim())
+            } else if let Some((key, value)) =
+                term.split_once("==").or_else(|| term.split_once('='))
+            {
+                labels[key.trim()].as_str() == Some(value.trim())
+            } else {
+                labels.get(term).is_some()
+            }
+        })
+}
+
 // ---------------------------------------------------------------------------------------------
 // The API server double
 
@@ -420,6 +469,16 @@ impl ApiServer {
 
     pub fn delete(&self, pod: &PodSpec) {
         self.change("DELETED", pod.to_json(), true);
+    }
+
+    /// Adds a pod given as its JSON object (e.g. [`daemon_pod_json`]).
+    pub fn add_json(&self, pod: Value) {
+        self.change("ADDED", pod, true);
+    }
+
+    /// Deletes a pod given as its JSON object.
+    pub fn delete_json(&self, pod: Value) {
+        self.change("DELETED", pod, true);
     }
 
     /// Adds a pod whose ADDED event is lost to history (only a list sees it).
@@ -611,7 +670,13 @@ fn serve(stream: TcpStream, shared: &Arc<(Mutex<State>, Condvar)>) -> std::io::R
     {
         return serve_collection(stream, shared, path, list_kind, api_version, &params);
     }
-    if method != "GET" || path != "/api/v1/pods" {
+    // `/api/v1/namespaces/{ns}/pods` too: the same pods, of one namespace.
+    let namespace = path
+        .strip_prefix("/api/v1/namespaces/")
+        .and_then(|rest| rest.strip_suffix("/pods"))
+        .filter(|ns| !ns.is_empty() && !ns.contains('/'))
+        .map(str::to_owned);
+    if method != "GET" || (path != "/api/v1/pods" && namespace.is_none()) {
         return respond(
             &mut stream,
             404,
@@ -626,7 +691,16 @@ fn serve(stream: TcpStream, shared: &Arc<(Mutex<State>, Condvar)>) -> std::io::R
         .get("fieldSelector")
         .and_then(|s| s.strip_prefix("spec.nodeName="))
         .map(str::to_owned);
-    let selected = |pod: &Value| node.as_deref().is_none_or(|n| node_of(pod) == n);
+    let label_selector = params.get("labelSelector").cloned();
+    let selected = |pod: &Value| {
+        node.as_deref().is_none_or(|n| node_of(pod) == n)
+            && namespace
+                .as_deref()
+                .is_none_or(|ns| pod["metadata"]["namespace"].as_str() == Some(ns))
+            && label_selector
+                .as_deref()
+                .is_none_or(|selector| labels_match(pod, selector))
+    };
     let watching = params.get("watch").is_some_and(|w| w == "true" || w == "1");
     if !watching {
         let mut state = lock.lock().expect("state");
@@ -783,7 +857,12 @@ pub struct Daemon {
 
 impl Daemon {
     pub fn start(args: &[&str], node: &str) -> Daemon {
-        let grpc = format!("127.0.0.1:{}", free_port());
+        Daemon::start_at(args, node, &format!("127.0.0.1:{}", free_port()))
+    }
+
+    /// [`Daemon::start`] with the gRPC API on `grpc` (`ip:port`), e.g. a loopback "pod IP".
+    pub fn start_at(args: &[&str], node: &str, grpc: &str) -> Daemon {
+        let grpc = grpc.to_owned();
         let metrics = format!("127.0.0.1:{}", free_port());
         let log = std::env::temp_dir().join(format!("respwatchd-kube-{}.log", unique()));
         let log_file = std::fs::File::create(&log).expect("log file");
@@ -976,32 +1055,7 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
 }
 
-/// The `redisctl` binary next to `respwatchd`, built once per run (as the API tests do).
-pub fn redisctl_path() -> PathBuf {
-    static BUILT: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
-    BUILT
-        .get_or_init(|| {
-            let exe = PathBuf::from(env!("CARGO_BIN_EXE_respwatchd"));
-            let profile_dir = exe.parent().expect("profile dir").to_path_buf();
-            let target_dir = profile_dir.parent().expect("target dir").to_path_buf();
-            let mut build =
-                Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".to_owned()));
-            build
-                .args(["build", "-q", "-p", "redisctl"])
-                .env("CARGO_TARGET_DIR", &target_dir)
-                .current_dir(repo_root());
-            if profile_dir
-                .file_name()
-                .is_some_and(|name| name == "release")
-            {
-                build.arg("--release");
-            }
-            let status = build.status().expect("cargo build -p redisctl");
-            assert!(status.success(), "building redisctl failed");
-            profile_dir.join("redisctl")
-        })
-        .clone()
-}
+pub use crate::redisctl_bin::redisctl_path;
 
 pub fn exists(path: &Path) -> bool {
     path.exists()
