@@ -244,18 +244,34 @@ impl Aggregator {
         }
     }
 
-    fn add(&mut self, mut key: RowKey, second: u64, stats: &RowStats) {
-        if !self.total.contains_key(&key) && self.total.len() >= MAX_ROWS {
-            key = RowKey {
-                role: key.role,
-                comm: OVERFLOW.to_owned(),
-                ..RowKey::empty(key.role)
-            };
-        }
+    /// Known rows (the common case) are found without cloning the key: comparing and cloning its
+    /// strings was the aggregator's largest cost.
+    fn add(&mut self, key: RowKey, second: u64, stats: &RowStats) {
+        let key = match self.total.get_mut(&key) {
+            Some(total) => {
+                total.merge(stats);
+                key
+            }
+            None => {
+                let key = if self.total.len() >= MAX_ROWS {
+                    RowKey {
+                        role: key.role,
+                        comm: OVERFLOW.to_owned(),
+                        ..RowKey::empty(key.role)
+                    }
+                } else {
+                    key
+                };
+                self.total.entry(key.clone()).or_default().merge(stats);
+                key
+            }
+        };
         if let Some(rows) = self.second_mut(second) {
-            rows.entry(key.clone()).or_default().merge(stats);
+            match rows.get_mut(&key) {
+                Some(row) => row.merge(stats),
+                None => rows.entry(key).or_default().merge(stats),
+            }
         }
-        self.total.entry(key).or_default().merge(stats);
     }
 
     /// The rows of `second`, created when new; `None` when it is older than the window.

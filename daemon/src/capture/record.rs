@@ -79,16 +79,17 @@ impl Record {
             }),
             record_kind::DATA => {
                 let copied = header.copied_len as usize;
-                let data =
-                    raw.get(header_len..header_len + copied)
-                        .ok_or(CaptureError::BadRecord {
-                            len: raw.len(),
-                            why: "data past its end",
-                        })?;
-                let syscall = Syscall::from_u8(header.syscall).ok_or(CaptureError::BadRecord {
-                    len: raw.len(),
-                    why: "unknown syscall",
+                let data = raw.get(header_len..header_len + copied).ok_or_else(|| {
+                    CaptureError::BadRecord {
+                        len: raw.len(),
+                        why: "data past its end",
+                    }
                 })?;
+                let syscall =
+                    Syscall::from_u8(header.syscall).ok_or_else(|| CaptureError::BadRecord {
+                        len: raw.len(),
+                        why: "unknown syscall",
+                    })?;
                 Ok(Record::Data(Chunk {
                     conn,
                     tid: header.tid,
