@@ -25,28 +25,18 @@ fn exclusive() -> std::sync::MutexGuard<'static, ()> {
     LOCK.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-struct Pod {
-    spec: PodSpec,
-    cgroup: ContainerCgroup,
-}
-
 fn pod(node: &str, namespace: &str, name: &str, ip: &str, driver: Driver) -> Pod {
-    let uid = pod_uid();
-    let id = container_id();
-    let cgroup = ContainerCgroup::create(driver, &uid, &id);
-    Pod {
-        spec: PodSpec {
-            uid,
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            labels: [("app".to_owned(), name.to_owned())].into_iter().collect(),
-            owner: None,
-            node: node.to_owned(),
-            ip: ip.to_owned(),
-            containers: vec![("app".to_owned(), id)],
-        },
-        cgroup,
-    }
+    let spec = PodSpec {
+        uid: String::new(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        labels: [("app".to_owned(), name.to_owned())].into_iter().collect(),
+        owner: None,
+        node: node.to_owned(),
+        ip: ip.to_owned(),
+        containers: Vec::new(),
+    };
+    Pod::create(spec, "app", driver)
 }
 
 fn field<'a>(value: &'a Value, name: &str) -> &'a str {

@@ -43,12 +43,7 @@ impl Drop for KillOnDrop {
     }
 }
 
-struct Pod {
-    spec: PodSpec,
-    cgroup: ContainerCgroup,
-}
-
-#[allow(
+#[expect(
     clippy::too_many_arguments,
     reason = "one pod per call, fields in manifest order"
 )]
@@ -62,22 +57,17 @@ fn pod(
     pod_labels: &[(&str, &str)],
     driver: Driver,
 ) -> Pod {
-    let uid = pod_uid();
-    let id = container_id();
-    let cgroup = ContainerCgroup::create(driver, &uid, &id);
-    Pod {
-        spec: PodSpec {
-            uid,
-            namespace: namespace.to_owned(),
-            name: name.to_owned(),
-            labels: labels(pod_labels),
-            owner: owner.map(|(k, n)| (k.to_owned(), n.to_owned())),
-            node: node.to_owned(),
-            ip: ip.to_owned(),
-            containers: vec![(container.to_owned(), id)],
-        },
-        cgroup,
-    }
+    let spec = PodSpec {
+        uid: String::new(),
+        namespace: namespace.to_owned(),
+        name: name.to_owned(),
+        labels: labels(pod_labels),
+        owner: owner.map(|(k, n)| (k.to_owned(), n.to_owned())),
+        node: node.to_owned(),
+        ip: ip.to_owned(),
+        containers: Vec::new(),
+    };
+    Pod::create(spec, container, driver)
 }
 
 fn json_lines(text: &str) -> Vec<Value> {

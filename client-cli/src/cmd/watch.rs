@@ -41,13 +41,7 @@ pub struct WatchArgs {
 
 pub async fn run(server: &ServerArgs, args: WatchArgs) -> anyhow::Result<()> {
     let mut client = connect(server).await?;
-    let mut filter = args.filters.to_proto();
-    args.events.apply(&mut filter);
-    let request = v1::WatchRequest {
-        allow: vec![filter],
-        deny: Vec::new(),
-        last: args.last,
-    };
+    let request = watch_request(&args);
     let mut stream = client
         .watch(request)
         .await
@@ -81,6 +75,17 @@ pub async fn run(server: &ServerArgs, args: WatchArgs) -> anyhow::Result<()> {
             // The reader went away (e.g. `| head`): done.
             return Ok(());
         }
+    }
+}
+
+/// The Watch request of the filters and `--last`.
+fn watch_request(args: &WatchArgs) -> v1::WatchRequest {
+    let mut filter = args.filters.to_proto();
+    args.events.apply(&mut filter);
+    v1::WatchRequest {
+        allow: vec![filter],
+        deny: Vec::new(),
+        last: args.last,
     }
 }
 
@@ -138,13 +143,7 @@ pub async fn run_cluster(
     if found.daemons.is_empty() {
         return Err(none_answered("watch", found.nodes()));
     }
-    let mut filter = args.filters.to_proto();
-    args.events.apply(&mut filter);
-    let request = v1::WatchRequest {
-        allow: vec![filter],
-        deny: Vec::new(),
-        last: args.last,
-    };
+    let request = watch_request(&args);
     // The tasks stay owned here: returning drops them, which closes every stream.
     let (_tasks, mut deliveries) = watch_all(&found.daemons, server, &request);
     let colour = colour_enabled();

@@ -280,6 +280,23 @@ impl PodSpec {
     }
 }
 
+/// A pod of one container whose processes run in a cgroup named as kubelet names it.
+pub struct Pod {
+    pub spec: PodSpec,
+    pub cgroup: ContainerCgroup,
+}
+
+impl Pod {
+    /// Gives `spec` a fresh pod UID and one container, `container`, whose cgroup it creates.
+    pub fn create(mut spec: PodSpec, container: &str, driver: Driver) -> Pod {
+        spec.uid = pod_uid();
+        let id = container_id();
+        let cgroup = ContainerCgroup::create(driver, &spec.uid, &id);
+        spec.containers = vec![(container.to_owned(), id)];
+        Pod { spec, cgroup }
+    }
+}
+
 /// A respwatchd DaemonSet pod as the API server returns it (labels as in
 /// deploy/daemonset.yaml, container ports `grpc` and `metrics`), for `redisctl --cluster`'s
 /// discovery.
