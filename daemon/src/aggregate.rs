@@ -1,10 +1,11 @@
 //! Aggregate stage: per (role, pod/process, peer, command) counters with Redis' own meaning, a
 //! latency histogram, bytes and errors by prefix. One model behind `GetStats` and `/metrics`.
 use std::{
-    collections::{BTreeMap, HashMap, VecDeque},
+    collections::{BTreeMap, VecDeque},
     sync::Arc,
 };
 
+use foldhash::{HashMap, HashMapExt};
 use respwatch_resp::correlate::{Outcome, Role};
 
 use crate::event::{CommandEvent, UNKNOWN_COMMAND};

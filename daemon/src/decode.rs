@@ -1,6 +1,8 @@
 //! Decode stage: one correlator per connection turns its two byte streams into command events.
 //! The protocol logic itself lives in the pure `respwatch-resp` crate.
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
+
+use foldhash::{HashMap, HashMapExt};
 
 use respwatch_common::Direction;
 use respwatch_resp::correlate::{self, Correlator, Output};

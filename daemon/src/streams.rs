@@ -3,7 +3,9 @@
 //! A connection is a (tgid, fd) pair *and* the time the kernel started tracking it, so a reused
 //! fd number never continues an old stream. Each connection is described once (socket
 //! addresses, process) when first seen; the decoder stage gets the chunks in ring order.
-use std::{collections::HashMap, sync::Arc};
+use std::sync::Arc;
+
+use foldhash::HashMap;
 
 use bytes::Bytes;
 use respwatch_common::{Direction, Syscall};
