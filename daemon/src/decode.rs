@@ -42,7 +42,7 @@ impl DecodeStage {
         }
     }
 
-    pub fn accept(&mut self, event: &StreamEvent, out: &mut Vec<CommandEvent>) {
+    pub fn accept(&mut self, event: &StreamEvent, out: &mut Vec<Arc<CommandEvent>>) {
         match event {
             StreamEvent::Data(chunk) => {
                 let (meta, correlator) = self
@@ -75,13 +75,15 @@ impl DecodeStage {
         }
     }
 
-    fn emit(&mut self, meta: &Arc<ConnMeta>, out: &mut Vec<CommandEvent>) {
+    /// Events are shared from here on (aggregator, history, subscribers): built in their `Arc`
+    /// at once, they are not moved again.
+    fn emit(&mut self, meta: &Arc<ConnMeta>, out: &mut Vec<Arc<CommandEvent>>) {
         for output in self.outputs.drain(..) {
             match output {
                 Output::Exchange(exchange) => {
                     let time = exchange.reply_ts_ns as i128 + self.realtime_offset_ns;
                     let counted = exchange.counted;
-                    out.push(CommandEvent {
+                    out.push(Arc::new(CommandEvent {
                         time_unix_ns: time.max(0) as u64,
                         role: exchange.role,
                         conn: Arc::clone(meta),
@@ -103,7 +105,7 @@ impl DecodeStage {
                         latency_ns: exchange.reply_ts_ns.saturating_sub(exchange.request_ts_ns),
                         pipeline_depth: exchange.pipeline_depth,
                         in_transaction: exchange.in_transaction,
-                    });
+                    }));
                 }
                 Output::Push(_) => self.counters.pushes += 1,
                 Output::Desync { skipped_bytes, .. } => {

@@ -169,7 +169,7 @@ impl Pipeline {
     }
 
     /// `out_of_scope` gets the cgroups of events that can never be in `--namespaces`' scope.
-    fn publish(&self, events: &mut Vec<CommandEvent>, out_of_scope: &mut Vec<u64>) {
+    fn publish(&self, events: &mut Vec<Arc<CommandEvent>>, out_of_scope: &mut Vec<u64>) {
         let shared = &self.shared;
         // `--namespaces`: out-of-scope events go no further; their cgroups are then skipped in
         // the kernel too, so they cost almost nothing from the next syscall on.
@@ -187,19 +187,18 @@ impl Pipeline {
             .counters
             .events
             .fetch_add(events.len() as u64, Ordering::Relaxed);
-        let events: Vec<Arc<CommandEvent>> = events.drain(..).map(Arc::new).collect();
         if let Ok(mut aggregator) = shared.aggregator.lock() {
-            aggregator.record_batch(&events, |event| shared.row_key(event));
+            aggregator.record_batch(events, |event| shared.row_key(event));
         }
         if let Ok(mut history) = shared.history.lock() {
-            for event in &events {
+            for event in events.iter() {
                 if history.len() == shared.config.history {
                     history.pop_front();
                 }
                 history.push_back(Arc::clone(event));
             }
         }
-        for event in events {
+        for event in events.drain(..) {
             // No subscribers is fine; slow ones see `Lagged(n)` and report the loss.
             let _ = shared.events.send(event);
         }
