@@ -537,4 +537,37 @@ mod tests {
             .collect();
         assert_eq!(seconds, [99, 100, 101, 103]);
     }
+
+    #[test]
+    fn rows_past_the_limit_fold_into_one_overflow_row_and_known_rows_still_count() {
+        let mut aggregator = Aggregator::new();
+        let processes: Vec<Arc<ConnMeta>> = (0..MAX_ROWS as u32 + 2)
+            .map(|pid| conn(u64::from(pid), pid))
+            .collect();
+        let fill: Vec<_> = processes[..MAX_ROWS]
+            .iter()
+            .map(|process| event(process, "get", 100, 1))
+            .collect();
+        aggregator.record_batch(&fill, key_of);
+        assert_eq!(aggregator.rows(), MAX_ROWS);
+        // Two new processes past the limit, and one already known.
+        let late = [
+            event(&processes[MAX_ROWS], "get", 101, 1),
+            event(&processes[MAX_ROWS + 1], "get", 101, 1),
+            event(&processes[7], "get", 101, 1),
+        ];
+        aggregator.record_batch(&late, key_of);
+        assert_eq!(aggregator.rows(), MAX_ROWS + 1, "one overflow row");
+        for window in [None, Some((101, 1))] {
+            let rows = aggregator.query(|_| true, &[GroupBy::Process, GroupBy::Command], window);
+            let overflow: Vec<_> = rows
+                .iter()
+                .filter(|(key, _)| key.comm == OVERFLOW)
+                .collect();
+            assert_eq!(overflow.len(), 1, "{window:?}");
+            assert_eq!(overflow[0].1.calls, 2, "{window:?}");
+            assert_eq!(calls(&rows, 7, "get"), if window.is_none() { 2 } else { 1 });
+            assert_eq!(calls(&rows, MAX_ROWS as u32, "get"), 0, "{window:?}");
+        }
+    }
 }
