@@ -101,6 +101,17 @@ pub struct Daemon {
     pub address: String,
 }
 
+impl Daemon {
+    /// The node an answer came from: as the daemon names itself, else its pod's node.
+    pub fn node_name(&self, reported: &str) -> String {
+        if reported.is_empty() {
+            self.node.clone()
+        } else {
+            reported.to_owned()
+        }
+    }
+}
+
 /// A node whose daemon gave no answer (or could not be asked).
 #[derive(Clone, Debug)]
 pub struct Failure {
@@ -393,8 +404,46 @@ pub fn server_for(server: &ServerArgs, daemon: &Daemon) -> ServerArgs {
     }
 }
 
+/// The answers of a unary call fanned out to every node, and the nodes that gave none.
+pub struct Answers<T> {
+    /// Every node with a daemon pod, asked or not.
+    pub nodes: usize,
+    pub answered: Vec<(Daemon, T)>,
+    pub failed: Vec<Failure>,
+}
+
+/// Finds the daemons and runs `call` against all of them at once. Nodes that gave no answer are
+/// reported on stderr (and returned, for the output to name them too); it is an error only when
+/// no node answered.
+pub async fn ask_all<T, F, Fut>(
+    cluster: &ClusterArgs,
+    server: &ServerArgs,
+    what: &str,
+    call: F,
+) -> anyhow::Result<Answers<T>>
+where
+    T: Send + 'static,
+    F: Fn(ServerArgs) -> Fut,
+    Fut: Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let found = discover(cluster).await?;
+    let answers = call_all(&found.daemons, server, call).await;
+    let (answered, failed) = partition(&found, answers);
+    for failure in &failed {
+        failure.report();
+    }
+    if answered.is_empty() {
+        return Err(none_answered(what, found.nodes()));
+    }
+    Ok(Answers {
+        nodes: found.nodes(),
+        answered,
+        failed,
+    })
+}
+
 /// Runs `call` against every daemon concurrently; answers come back in `daemons` order.
-pub async fn call_all<T, F, Fut>(
+async fn call_all<T, F, Fut>(
     daemons: &[Daemon],
     server: &ServerArgs,
     call: F,
@@ -434,7 +483,7 @@ where
 }
 
 /// Splits answers into successes (with their daemon) and failures (not-running pods first).
-pub fn partition<T>(
+fn partition<T>(
     found: &Discovery,
     answers: Vec<anyhow::Result<T>>,
 ) -> (Vec<(Daemon, T)>, Vec<Failure>) {

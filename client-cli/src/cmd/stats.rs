@@ -6,7 +6,7 @@ use respwatch_proto::v1;
 use super::{Group, SortBy, TableOutput, compare_rows, sort_rows};
 use crate::{
     client::{ServerArgs, connect, status_error},
-    cluster::{ClusterArgs, Failure, call_all, discover, none_answered, partition},
+    cluster::{Answers, ClusterArgs, Failure, ask_all},
     filters::{FilterArgs, parse_duration},
     format::{emit, error_total, latency_usec, role, row_json, table, who},
 };
@@ -94,28 +94,20 @@ pub async fn run_cluster(
     cluster: &ClusterArgs,
     args: StatsArgs,
 ) -> anyhow::Result<()> {
-    let found = discover(cluster).await?;
     let (filters, group_by, window) = (args.filters.clone(), args.group_by.clone(), args.window);
-    let answers = call_all(&found.daemons, server, move |daemon| {
+    let Answers {
+        nodes,
+        answered,
+        failed,
+    } = ask_all(cluster, server, "stats", move |daemon| {
         let (filters, group_by) = (filters.clone(), group_by.clone());
         async move { fetch(&daemon, &filters, &group_by, window).await }
     })
-    .await;
-    let (answered, failed) = partition(&found, answers);
-    for failure in &failed {
-        failure.report();
-    }
-    if answered.is_empty() {
-        return Err(none_answered("stats", found.nodes()));
-    }
+    .await?;
     let mut rows: Vec<(String, v1::StatsRow)> = answered
         .into_iter()
         .flat_map(|(daemon, response)| {
-            let node = if response.node.is_empty() {
-                daemon.node
-            } else {
-                response.node
-            };
+            let node = daemon.node_name(&response.node);
             response
                 .rows
                 .into_iter()
@@ -146,12 +138,11 @@ pub async fn run_cluster(
         TableOutput::Table => {
             let mut text = table_of(rows.iter().map(|(node, row)| (Some(node.as_str()), row)));
             if !failed.is_empty() {
-                let nodes: Vec<&str> = failed.iter().map(|f| f.node.as_str()).collect();
+                let silent: Vec<&str> = failed.iter().map(|f| f.node.as_str()).collect();
                 text.push_str(&format!(
-                    "\n{} of {} nodes answered; not answered: {}\n",
-                    found.nodes() - failed.len(),
-                    found.nodes(),
-                    nodes.join(", ")
+                    "\n{} of {nodes} nodes answered; not answered: {}\n",
+                    nodes - failed.len(),
+                    silent.join(", ")
                 ));
             }
             emit(&text)

@@ -7,7 +7,7 @@ use serde_json::json;
 use super::TableOutput;
 use crate::{
     client::{ServerArgs, connect, status_error},
-    cluster::{ClusterArgs, Failure, call_all, discover, none_answered, partition},
+    cluster::{Answers, ClusterArgs, Failure, ask_all},
     format::{emit, rfc3339, table},
 };
 
@@ -121,18 +121,12 @@ pub async fn run_cluster(
     cluster: &ClusterArgs,
     args: StatusArgs,
 ) -> anyhow::Result<()> {
-    let found = discover(cluster).await?;
-    let answers = call_all(&found.daemons, server, |daemon| async move {
+    let Answers {
+        answered, failed, ..
+    } = ask_all(cluster, server, "status", |daemon| async move {
         fetch(&daemon).await
     })
-    .await;
-    let (answered, failed) = partition(&found, answers);
-    for failure in &failed {
-        failure.report();
-    }
-    if answered.is_empty() {
-        return Err(none_answered("status", found.nodes()));
-    }
+    .await?;
     match args.output {
         TableOutput::Json => {
             let mut array: Vec<serde_json::Value> = answered
@@ -166,11 +160,7 @@ pub async fn run_cluster(
                 .iter()
                 .map(|(daemon, s)| {
                     vec![
-                        if s.node.is_empty() {
-                            daemon.node.clone()
-                        } else {
-                            s.node.clone()
-                        },
+                        daemon.node_name(&s.node),
                         daemon.address.clone(),
                         s.version.clone(),
                         format!("{}s", s.uptime_seconds),

@@ -190,6 +190,7 @@ pub async fn run_cluster(
                 continue;
             }
         };
+        // Not through `Daemon::node_name`: that would copy the name of every message.
         if message.node.is_empty()
             && let Some(daemon) = found.daemons.get(index)
         {
