@@ -276,6 +276,11 @@ pub struct PendingIo {
     pub _pad: [u8; 3],
 }
 
+impl PendingIo {
+    /// `syscall` of a slot whose syscall has exited: nothing is pending on that thread.
+    pub const DONE: u8 = u8::MAX;
+}
+
 /// A cheap, conservative test of whether `peek` (the first bytes of a chunk) start a RESP
 /// message: a type byte followed by what that type must look like, or a short inline command
 /// (`PING\r\n`: one line of letters, digits and spaces that ends inside the peek; HTTP

@@ -12,7 +12,7 @@
 
 use aya_ebpf::{
     EbpfContext,
-    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
+    bindings::{BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
@@ -38,18 +38,23 @@ const RET: usize = 16;
 #[unsafe(no_mangle)]
 static SELF_TGID: u32 = 0;
 
-/// Records wake the reader only once this many bytes wait in the ring (the daemon sets it from
-/// the ring size); below that, it drains on a short timer. A wakeup per record costs an IRQ
-/// work item and a context switch for every syscall traced, the largest overhead there was.
+/// Each CPU wakes the reader once it has written this many bytes since its last wakeup (the
+/// daemon sets it from the ring size and CPU count); below that, the reader drains on a short
+/// timer. A wakeup per record costs an IRQ work item and a context switch for every syscall
+/// traced, the largest overhead there was. Counted per CPU rather than by asking the ring how
+/// much is waiting: that query reads positions other CPUs keep writing, and a reader that fell
+/// behind would be woken on every record.
 #[unsafe(no_mangle)]
-static WAKEUP_BYTES: u64 = 0;
+static WAKEUP_BYTES_PER_CPU: u64 = 0;
 
 /// A connection's first record wakes the reader at once: user space reads the process's
 /// `/proc` entries then, and a short-lived client may be gone 10 ms later.
-fn wakeup_flag(first: bool) -> u64 {
+fn wakeup_flag(scratch: &mut Scratch, size: usize, first: bool) -> u64 {
     // SAFETY: a global the loader sets before the programs run; read-only afterwards.
-    let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES) };
-    if first || RECORDS.query(BPF_RB_AVAIL_DATA as u64) >= threshold {
+    let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES_PER_CPU) };
+    scratch.unwoken_bytes += size as u64;
+    if first || scratch.unwoken_bytes >= threshold {
+        scratch.unwoken_bytes = 0;
         BPF_RB_FORCE_WAKEUP as u64
     } else {
         BPF_RB_NO_WAKEUP as u64
@@ -84,10 +89,39 @@ static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(1310
 
 /// Syscalls in flight on fds that are not known to be ignored, keyed by pid_tgid. A plain hash,
 /// not an LRU: an LRU may evict another thread's entry mid-syscall, losing its bytes silently;
-/// a full hash fails the insert, which is counted. Each thread overwrites its own key, so only
-/// threads killed mid-syscall leave an entry behind.
+/// a full hash fails the insert, which is counted. A thread's entry is rewritten in place and
+/// marked done at syscall exit rather than inserted and deleted per syscall (that allocation
+/// and free was a fifth of the programs' time); it is removed when the thread exits.
 #[map]
 static INFLIGHT: HashMap<u64, PendingIo> = HashMap::with_max_entries(65536, 0);
+
+/// Saves a thread's syscall arguments in its `INFLIGHT` slot, creating the slot on first use.
+fn remember(pid_tgid: u64, pending: PendingIo) {
+    match INFLIGHT.get_ptr_mut(pid_tgid) {
+        // SAFETY: map value pointer, valid for this program run; only this thread writes it.
+        Some(slot) => unsafe { *slot = pending },
+        None => {
+            if INFLIGHT.insert(pid_tgid, pending, 0).is_err() {
+                count_loss(LossReason::InflightFull);
+            }
+        }
+    }
+}
+
+/// Takes the arguments the thread's syscall entry saved, leaving its slot marked done so that
+/// an exit without a traced entry finds nothing.
+fn take_pending(pid_tgid: u64) -> Option<PendingIo> {
+    let slot = INFLIGHT.get_ptr_mut(pid_tgid)?;
+    // SAFETY: map value pointer, valid for this program run; only this thread writes it.
+    unsafe {
+        let pending = *slot;
+        if pending.syscall == PendingIo::DONE {
+            return None;
+        }
+        (*slot).syscall = PendingIo::DONE;
+        Some(pending)
+    }
+}
 
 #[map]
 static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_REASONS, 0);
@@ -97,6 +131,8 @@ static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_REASONS, 0)
 struct Scratch {
     header: RecordHeader,
     data: [u8; DATA_WINDOW],
+    /// Bytes this CPU wrote to the ring since it last woke the reader.
+    unwoken_bytes: u64,
 }
 
 #[map]
@@ -186,9 +222,7 @@ fn on_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
         syscall: syscall as u8,
         _pad: [0; 3],
     };
-    if INFLIGHT.insert(pid_tgid, pending, 0).is_err() {
-        count_loss(LossReason::InflightFull);
-    }
+    remember(pid_tgid, pending);
     0
 }
 
@@ -196,11 +230,9 @@ fn on_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
 
 fn on_exit(ctx: &TracePointContext) -> u32 {
     let pid_tgid = bpf_get_current_pid_tgid();
-    // SAFETY: value copied out before the entry is removed.
-    let Some(pending) = (unsafe { INFLIGHT.get(pid_tgid) }).copied() else {
+    let Some(pending) = take_pending(pid_tgid) else {
         return 0;
     };
-    let _ = INFLIGHT.remove(pid_tgid);
     let ret = record_field(ctx, RET) as i64;
     if ret <= 0 {
         return 0;
@@ -448,6 +480,7 @@ fn send(
     let saved_flags = scratch.header.flags;
     scratch.header.flags |= extra_flags;
     let size = core::mem::size_of::<RecordHeader>() + copied;
+    let wakeup = wakeup_flag(scratch, size, saved_flags & record_flags::FIRST != 0);
     // SAFETY: `Scratch` is `repr(C)` plain data; viewed as bytes up to its own size.
     let bytes = unsafe {
         core::slice::from_raw_parts(
@@ -456,9 +489,7 @@ fn send(
         )
     };
     let delivered = match bytes.get(..size) {
-        Some(record) => RECORDS
-            .output::<[u8]>(record, wakeup_flag(saved_flags & record_flags::FIRST != 0))
-            .is_ok(),
+        Some(record) => RECORDS.output::<[u8]>(record, wakeup).is_ok(),
         None => false,
     };
     scratch.header.flags = saved_flags;
@@ -494,8 +525,9 @@ fn forget(ctx: &TracePointContext, fd: i32) {
     scratch.header.gap_before = state.gap[Direction::Ingress as usize];
     scratch.header.total_len = state.gap[Direction::Egress as usize];
     scratch.header.copied_len = 0;
+    let wakeup = wakeup_flag(scratch, core::mem::size_of::<RecordHeader>(), false);
     if RECORDS
-        .output::<RecordHeader>(&scratch.header, wakeup_flag(false))
+        .output::<RecordHeader>(&scratch.header, wakeup)
         .is_err()
     {
         count_loss(LossReason::CloseLost);
@@ -524,12 +556,12 @@ pub fn sys_exit_new_socket(ctx: TracePointContext) -> u32 {
     if ctx.tgid() == self_tgid() {
         return 0;
     }
-    let pid_tgid = ctx.pid() as u64 | ((ctx.tgid() as u64) << 32);
-    // SAFETY: value copied out before the entry is removed.
-    let accepted = unsafe { INFLIGHT.get(pid_tgid) }.copied();
-    if accepted.is_some() {
-        let _ = INFLIGHT.remove(pid_tgid);
-    }
+    // Where accept wrote the peer's address, or 0: a plain integer, because an `Option` kept
+    // across the calls below compiles to a register the verifier sees read uninitialised.
+    let sockaddr_ptr = match take_pending(bpf_get_current_pid_tgid()) {
+        Some(pending) if pending.syscall == Syscall::Accept as u8 => pending.ptr,
+        _ => 0,
+    };
     // SAFETY: `ret` is the exit record's first field.
     let Ok(fd) = (unsafe { ctx.read_at::<i64>(RET) }) else {
         return 0;
@@ -538,11 +570,9 @@ pub fn sys_exit_new_socket(ctx: TracePointContext) -> u32 {
         return 0;
     }
     forget(&ctx, fd as i32);
-    let peer = match accepted {
-        Some(pending) if pending.syscall == Syscall::Accept as u8 && pending.ptr != 0 => {
-            read_sockaddr(pending.ptr)
-        }
-        _ => PeerAddr::UNKNOWN,
+    let peer = match sockaddr_ptr {
+        0 => PeerAddr::UNKNOWN,
+        ptr => read_sockaddr(ptr),
     };
     let _ = CONNS.insert(
         conn_key(ctx.tgid(), fd as i32),
@@ -566,7 +596,6 @@ pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
     if ctx.tgid() == self_tgid() {
         return 0;
     }
-    let pid_tgid = ctx.pid() as u64 | ((ctx.tgid() as u64) << 32);
     // SAFETY: offset from the tracepoint's format (`upeer_sockaddr`).
     let ptr = unsafe { ctx.read_at::<u64>(ARG1) }.unwrap_or(0);
     let pending = PendingIo {
@@ -576,7 +605,14 @@ pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
         syscall: Syscall::Accept as u8,
         _pad: [0; 3],
     };
-    let _ = INFLIGHT.insert(pid_tgid, pending, 0);
+    remember(bpf_get_current_pid_tgid(), pending);
+    0
+}
+
+/// A thread is gone: its `INFLIGHT` slot is freed (`sched:sched_process_exit` fires per thread).
+#[tracepoint]
+pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
+    let _ = INFLIGHT.remove(bpf_get_current_pid_tgid());
     0
 }
 

@@ -21,18 +21,12 @@ pub use record::{Chunk, ConnRef, Record, comm_str};
 /// The eBPF object built from `daemon-ebpf` by the build script.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/respwatch"));
 
-/// Which program serves which tracepoint of the `syscalls` category.
-const ATTACHMENTS: &[(&str, &[&str])] = &[
-    ("sys_enter_read", &["sys_enter_read"]),
-    ("sys_enter_readv", &["sys_enter_readv"]),
-    ("sys_enter_recvfrom", &["sys_enter_recvfrom"]),
-    ("sys_enter_recvmsg", &["sys_enter_recvmsg"]),
-    ("sys_enter_write", &["sys_enter_write"]),
-    ("sys_enter_writev", &["sys_enter_writev"]),
-    ("sys_enter_sendto", &["sys_enter_sendto"]),
-    ("sys_enter_sendmsg", &["sys_enter_sendmsg"]),
+/// Which program serves which tracepoints, by category. Exit programs come first: an entry
+/// attached before its exit would leave arguments behind for an unrelated later exit.
+const ATTACHMENTS: &[(&str, &str, &[&str])] = &[
     (
         "sys_exit_io",
+        SYSCALLS,
         &[
             "sys_exit_read",
             "sys_exit_readv",
@@ -44,17 +38,30 @@ const ATTACHMENTS: &[(&str, &[&str])] = &[
             "sys_exit_sendmsg",
         ],
     ),
-    ("sys_enter_close", &["sys_enter_close"]),
-    (
-        "sys_enter_accept",
-        &["sys_enter_accept", "sys_enter_accept4"],
-    ),
-    ("sys_enter_connect", &["sys_enter_connect"]),
     (
         "sys_exit_new_socket",
+        SYSCALLS,
         &["sys_exit_socket", "sys_exit_accept", "sys_exit_accept4"],
     ),
+    ("sys_enter_read", SYSCALLS, &["sys_enter_read"]),
+    ("sys_enter_readv", SYSCALLS, &["sys_enter_readv"]),
+    ("sys_enter_recvfrom", SYSCALLS, &["sys_enter_recvfrom"]),
+    ("sys_enter_recvmsg", SYSCALLS, &["sys_enter_recvmsg"]),
+    ("sys_enter_write", SYSCALLS, &["sys_enter_write"]),
+    ("sys_enter_writev", SYSCALLS, &["sys_enter_writev"]),
+    ("sys_enter_sendto", SYSCALLS, &["sys_enter_sendto"]),
+    ("sys_enter_sendmsg", SYSCALLS, &["sys_enter_sendmsg"]),
+    ("sys_enter_close", SYSCALLS, &["sys_enter_close"]),
+    (
+        "sys_enter_accept",
+        SYSCALLS,
+        &["sys_enter_accept", "sys_enter_accept4"],
+    ),
+    ("sys_enter_connect", SYSCALLS, &["sys_enter_connect"]),
+    ("sched_process_exit", "sched", &["sched_process_exit"]),
 ];
+
+const SYSCALLS: &str = "syscalls";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
@@ -82,7 +89,7 @@ pub enum CaptureError {
     },
     #[error("the eBPF object has no {what} named {name}")]
     Missing { what: &'static str, name: String },
-    #[error("attaching {program} to syscalls:{tracepoint} failed: {source}")]
+    #[error("attaching {program} to {tracepoint} failed: {source}")]
     Attach {
         program: String,
         tracepoint: String,
@@ -132,15 +139,27 @@ pub struct KernelLosses {
 }
 
 /// How long records may wait in the ring before the reader drains it anyway. The kernel wakes
-/// the reader early only when [`wakeup_bytes`] are waiting, so this bounds the delay under
+/// the reader early only per [`wakeup_bytes_per_cpu`] bytes written, so this bounds the delay under
 /// light traffic; event timestamps come from the kernel and are not affected.
 pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
-/// Bytes waiting in the ring that make the kernel wake the reader before [`DRAIN_INTERVAL`]:
-/// an eighth of the ring, at most 1 MiB, so a burst never fills it between two drains.
-fn wakeup_bytes(ring_bytes: u32) -> u64 {
-    (u64::from(ring_bytes) / 8).min(1024 * 1024)
+/// Bytes one CPU writes to the ring before it wakes the reader ahead of [`DRAIN_INTERVAL`]:
+/// together the CPUs leave at most an eighth of the ring (and at most 1 MiB) unannounced, so a
+/// burst never fills it between two drains.
+fn wakeup_bytes_per_cpu(ring_bytes: u32, cpus: usize) -> u64 {
+    (u64::from(ring_bytes) / 8).min(1024 * 1024) / cpus.max(1) as u64
 }
+
+/// CPUs the programs may run on. If sysfs cannot say, assume many: that only wakes the reader
+/// more often.
+fn possible_cpus() -> usize {
+    aya::util::nr_cpus().unwrap_or_else(|(path, error)| {
+        tracing::warn!(path, %error, "cannot count CPUs; waking the reader more often");
+        ASSUMED_CPUS
+    })
+}
+
+const ASSUMED_CPUS: usize = 256;
 
 /// Records handed on per batch at most: the stages after capture work on a batch at a time,
 /// and a batch that fits in the CPU cache is processed faster than one that does not.
@@ -174,16 +193,17 @@ impl Capture {
         preflight::ensure_tracefs()?;
         let tracepoints: Vec<&str> = ATTACHMENTS
             .iter()
-            .flat_map(|(_, tps)| tps.iter().copied())
+            .filter(|(_, category, _)| *category == SYSCALLS)
+            .flat_map(|(_, _, tps)| tps.iter().copied())
             .collect();
         preflight::check_syscall_tracepoints(&tracepoints)?;
         preflight::raise_memlock_limit();
 
         let self_tgid = std::process::id();
-        let wakeup = wakeup_bytes(config.ring_bytes);
+        let wakeup = wakeup_bytes_per_cpu(config.ring_bytes, possible_cpus());
         let mut ebpf = EbpfLoader::new()
             .override_global("SELF_TGID", &self_tgid, true)
-            .override_global("WAKEUP_BYTES", &wakeup, true)
+            .override_global("WAKEUP_BYTES_PER_CPU", &wakeup, true)
             .override_global("SCOPED", &u8::from(config.scoped), true)
             .map_max_entries("RECORDS", config.ring_bytes)
             .load(EBPF_OBJECT)
@@ -192,7 +212,7 @@ impl Capture {
             })?;
 
         let mut attached = Vec::new();
-        for (program_name, tracepoints) in ATTACHMENTS {
+        for (program_name, category, tracepoints) in ATTACHMENTS {
             let program: &mut TracePoint = ebpf
                 .program_mut(program_name)
                 .ok_or_else(|| CaptureError::Missing {
@@ -205,10 +225,11 @@ impl Capture {
                 .load()
                 .map_err(|source| attach_error(program_name, "-", source))?;
             for tracepoint in *tracepoints {
+                let name = format!("{category}:{tracepoint}");
                 program
-                    .attach("syscalls", tracepoint)
-                    .map_err(|source| attach_error(program_name, tracepoint, source))?;
-                attached.push(format!("{program_name}@syscalls:{tracepoint}"));
+                    .attach(category, tracepoint)
+                    .map_err(|source| attach_error(program_name, &name, source))?;
+                attached.push(format!("{program_name}@{name}"));
             }
         }
 
@@ -269,7 +290,7 @@ impl Capture {
         })
     }
 
-    /// `program@syscalls:tracepoint` for every attachment.
+    /// `program@category:tracepoint` for every attachment.
     pub fn attached(&self) -> &[String] {
         &self.attached
     }

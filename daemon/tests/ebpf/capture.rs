@@ -534,3 +534,71 @@ fn a_small_ring_counts_every_loss() {
         redis_in - accounted
     );
 }
+
+/// The kernel keeps each thread's syscall arguments in a table of 65536 slots that it reuses
+/// per thread and frees when the thread exits. More threads than slots, one after another (as
+/// thread-per-request clients make), must all be seen: a slot that outlived its thread would
+/// fill the table and lose the I/O of every later thread. Eight processes, because thread ids
+/// wrap at `kernel.pid_max` (32768 here) and a process's later threads would reuse its earlier
+/// threads' slots: 8 × 12500 threads make some 80000 distinct (process, thread) pairs.
+#[test]
+fn more_short_lived_threads_than_slots_are_all_seen() {
+    use std::sync::atomic::Ordering::Relaxed;
+
+    use respwatch_common::LossReason;
+
+    const PROCESSES: usize = 8;
+    const THREADS: u64 = 12_500;
+    const PING: u64 = 14;
+    const PONG: u64 = 7;
+    let harness = Harness::get();
+    let _recording = harness.recording();
+    let inflight_full =
+        || harness.shared.counters.kernel_losses[LossReason::InflightFull as usize].load(Relaxed);
+    let (full_before, lost_before) = (inflight_full(), harness.lost_bytes());
+    let server = RedisServer::start(&[]);
+    let pings = || -> u64 {
+        let stats = server.info("commandstats")["cmdstat_ping"].clone();
+        stats
+            .strip_prefix("calls=")
+            .and_then(|rest| rest.split(',').next())
+            .and_then(|calls| calls.parse().ok())
+            .unwrap_or_else(|| panic!("cmdstat_ping: {stats}"))
+    };
+    let pings_before = pings();
+    let clients: Vec<_> = (0..PROCESSES)
+        .map(|_| {
+            Command::new(python())
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/tests/clients/thread_churn.py"
+                ))
+                .args([server.port.to_string(), THREADS.to_string()])
+                .spawn()
+                .expect("python client")
+        })
+        .collect();
+    let client_pids: Vec<u32> = clients.iter().map(|client| client.id()).collect();
+    for client in clients {
+        let out = client.wait_with_output().expect("client ran");
+        assert!(out.status.success(), "{out:?}");
+    }
+    let total = PROCESSES as u64 * THREADS;
+    assert_eq!(pings() - pings_before, total, "Redis answered every thread");
+
+    for pid in client_pids {
+        harness.wait_for("every thread's PING and PONG", |h| {
+            h.bytes_of(pid, Direction::Egress) >= THREADS * PING
+                && h.bytes_of(pid, Direction::Ingress) >= THREADS * PONG
+        });
+        assert_eq!(harness.bytes_of(pid, Direction::Egress), THREADS * PING);
+        assert_eq!(harness.bytes_of(pid, Direction::Ingress), THREADS * PONG);
+    }
+    std::thread::sleep(std::time::Duration::from_millis(1500)); // one more read of the counters
+    assert_eq!(
+        inflight_full(),
+        full_before,
+        "the per-thread table filled up"
+    );
+    assert_eq!(harness.lost_bytes(), lost_before, "bytes were lost");
+}
