@@ -88,10 +88,7 @@ impl DecodeStage {
                         role: exchange.role,
                         conn: Arc::clone(meta),
                         command: exchange.command,
-                        key: exchange
-                            .first_key
-                            .as_deref()
-                            .and_then(|key| self.keys.apply(key)),
+                        key: exchange.first_key.and_then(|key| self.keys.apply(key)),
                         argc: exchange.argc,
                         request_bytes: exchange.request_bytes,
                         reply_bytes: exchange.reply_bytes,

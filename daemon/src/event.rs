@@ -170,16 +170,16 @@ impl fmt::Display for KeyPolicy {
 }
 
 impl KeyPolicy {
-    pub fn apply(self, key: &[u8]) -> Option<String> {
+    /// Takes the key by value: the common case (a short UTF-8 key) becomes the `String`
+    /// without another allocation.
+    pub fn apply(self, key: Vec<u8>) -> Option<String> {
         match self {
             KeyPolicy::Off => None,
-            KeyPolicy::Full => Some(String::from_utf8_lossy(key).into_owned()),
+            KeyPolicy::Full => Some(lossy_string(key)),
+            KeyPolicy::Truncate(n) if key.len() <= n => Some(lossy_string(key)),
             KeyPolicy::Truncate(n) => {
-                let cut = &key[..key.len().min(n)];
-                let mut text = String::from_utf8_lossy(cut).into_owned();
-                if key.len() > n {
-                    text.push('…');
-                }
+                let mut text = String::from_utf8_lossy(&key[..n]).into_owned();
+                text.push('…');
                 Some(text)
             }
             KeyPolicy::Hash => {
@@ -192,6 +192,11 @@ impl KeyPolicy {
     }
 }
 
+fn lossy_string(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes)
+        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -199,24 +204,45 @@ mod tests {
     #[test]
     fn key_policies() {
         assert_eq!(
-            "full".parse::<KeyPolicy>().unwrap().apply(b"user:42"),
+            "full"
+                .parse::<KeyPolicy>()
+                .unwrap()
+                .apply(b"user:42".to_vec()),
             Some("user:42".into())
         );
         assert_eq!(
-            "truncate:4".parse::<KeyPolicy>().unwrap().apply(b"user:42"),
+            "truncate:4"
+                .parse::<KeyPolicy>()
+                .unwrap()
+                .apply(b"user:42".to_vec()),
             Some("user…".into())
         );
         assert_eq!(
             "truncate:40"
                 .parse::<KeyPolicy>()
                 .unwrap()
-                .apply(b"user:42"),
+                .apply(b"user:42".to_vec()),
             Some("user:42".into())
         );
-        assert_eq!("off".parse::<KeyPolicy>().unwrap().apply(b"user:42"), None);
-        let hashed = KeyPolicy::Hash.apply(b"user:42").unwrap();
+        assert_eq!(
+            "off"
+                .parse::<KeyPolicy>()
+                .unwrap()
+                .apply(b"user:42".to_vec()),
+            None
+        );
+        // Kept as-is up to the limit; bytes that are not UTF-8 are shown, not dropped.
+        assert_eq!(
+            KeyPolicy::Truncate(7).apply(b"user:42".to_vec()),
+            Some("user:42".into())
+        );
+        assert_eq!(
+            KeyPolicy::Full.apply(b"k\xff".to_vec()),
+            Some("k\u{fffd}".into())
+        );
+        let hashed = KeyPolicy::Hash.apply(b"user:42".to_vec()).unwrap();
         assert_eq!(hashed.len(), 17);
-        assert_ne!(hashed, KeyPolicy::Hash.apply(b"user:43").unwrap());
+        assert_ne!(hashed, KeyPolicy::Hash.apply(b"user:43".to_vec()).unwrap());
         assert!(!hashed.contains("user"));
         for bad in ["", "truncate:", "truncate:0", "truncate:x", "FULL", "cut:3"] {
             assert!(bad.parse::<KeyPolicy>().is_err(), "{bad}");

@@ -215,9 +215,9 @@ pub fn stats_name(args: &[&[u8]], argc: u64) -> String {
     parent
 }
 
-/// First key of a command, from its kept argument prefixes, when the table knows where it is
-/// and it lies within the kept arguments.
-pub fn first_key(name: &str, args: &[&[u8]]) -> Option<Vec<u8>> {
+/// Where the first key of a command is among its kept argument prefixes, when the table knows
+/// where it is and it lies within the kept arguments.
+pub fn first_key_index(name: &str, args: &[&[u8]]) -> Option<usize> {
     let spec = command_spec(name)?;
     let idx = match spec.key {
         KeySpec::None => return None,
@@ -239,7 +239,7 @@ pub fn first_key(name: &str, args: &[&[u8]]) -> Option<Vec<u8>> {
             pos + 1
         }
     };
-    args.get(idx).map(|a| a.to_vec())
+    (idx < args.len()).then_some(idx)
 }
 
 /// Whether `argc` violates Redis' arity check for a command with `arity`.
@@ -350,6 +350,8 @@ mod tests {
 
     #[test]
     fn first_keys() {
+        let first_key =
+            |name, args: &[&[u8]]| first_key_index(name, args).map(|index| args[index].to_vec());
         assert_eq!(first_key("get", &[b"GET", b"k1"]), Some(b"k1".to_vec()));
         assert_eq!(first_key("ping", &[b"PING"]), None);
         assert_eq!(

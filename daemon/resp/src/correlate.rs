@@ -19,7 +19,7 @@
 use std::collections::VecDeque;
 
 use crate::command::{self, ErrorClass};
-use crate::decode::{Decoded, Decoder, DesyncReason, Frame, Kind};
+use crate::decode::{Decoded, Decoder, DesyncReason, Frame, Kind, MAX_KEPT_ELEMENTS};
 
 /// Outstanding requests kept per connection; more are reported and the queue reset.
 pub const MAX_OUTSTANDING: usize = 64 * 1024;
@@ -284,7 +284,8 @@ struct Request {
     command: String,
     first_key: Option<Vec<u8>>,
     argc: u32,
-    arg1: Option<Vec<u8>>,
+    /// `HELLO`'s protocol version argument: RESP3 starts once the reply is not an error.
+    hello_protover: Option<Vec<u8>>,
     request_bytes: u64,
     request_ts: u64,
     pipeline_depth: u32,
@@ -533,22 +534,27 @@ impl Correlator {
         }
     }
 
-    fn on_request(&mut self, role: Role, ts: u64, frame: Frame, out: &mut Vec<Output>) {
+    fn on_request(&mut self, role: Role, ts: u64, mut frame: Frame, out: &mut Vec<Output>) {
         // Redis ignores empty inline lines and never answers non-command frames with a
         // paired reply (it closes the connection with a protocol error).
         if !frame.is_command() {
             return;
         }
-        let args: Vec<&[u8]> = frame
-            .items
-            .iter()
-            .map(|i| i.text.as_deref().unwrap_or_default())
-            .collect();
-        let command = command::stats_name(&args, frame.len);
-        let first_key = command::first_key(&command, &args);
+        // Only the first elements keep their text; every key position the command table
+        // knows lies among them. On the stack: this runs for every command on the node.
+        let mut kept: [&[u8]; MAX_KEPT_ELEMENTS] = [&[]; MAX_KEPT_ELEMENTS];
+        for (arg, item) in kept.iter_mut().zip(&frame.items) {
+            *arg = item.text.as_deref().unwrap_or_default();
+        }
+        let args = &kept[..frame.items.len().min(MAX_KEPT_ELEMENTS)];
+        let command = command::stats_name(args, frame.len);
+        let key_index = command::first_key_index(&command, args);
         let argc = u32::try_from(frame.len).unwrap_or(u32::MAX);
-        let arg1 = args.get(1).map(|a| a.to_vec());
-        let mut expect = match command::stats_name(&args[..1], 1).as_str() {
+        let hello_protover = (command == "hello")
+            .then(|| args.get(1).map(|a| a.to_vec()))
+            .flatten();
+        // The subscribe family has no subcommands: its stats name is its name.
+        let mut expect = match command.as_str() {
             "subscribe" | "psubscribe" | "ssubscribe" if argc >= 2 => Expect::Confirm {
                 kind: SubKind::from_name(args[0]).unwrap_or(SubKind::Subscribe),
                 remaining: Some(u64::from(argc - 1)),
@@ -594,11 +600,15 @@ impl Correlator {
             self.lost_pairing(UnansweredReason::QueueOverflow, out);
         }
         let pipeline_depth = u32::try_from(self.queue.len() + 1).unwrap_or(u32::MAX);
+        // The frame is done with: its key text moves into the request, uncopied.
+        let first_key = key_index
+            .and_then(|index| frame.items.get_mut(index))
+            .and_then(|item| item.text.take());
         self.queue.push_back(Request {
             command,
             first_key,
             argc,
-            arg1,
+            hello_protover,
             request_bytes: frame.wire_len,
             request_ts: ts,
             pipeline_depth,
@@ -837,7 +847,7 @@ impl Correlator {
                 self.monitor = false;
                 self.resp3 = false;
             }
-            "hello" if ok => match req.arg1.as_deref() {
+            "hello" if ok => match req.hello_protover.as_deref() {
                 Some(b"3") => self.resp3 = true,
                 Some(b"2") => self.resp3 = false,
                 _ => {}

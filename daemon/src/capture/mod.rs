@@ -12,6 +12,7 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray, RingBuf},
     programs::TracePoint,
 };
+use bytes::BytesMut;
 use respwatch_common::{ConnKey, ConnState, LOSS_REASONS, LossReason};
 use tokio::io::unix::AsyncFd;
 
@@ -165,11 +166,17 @@ const ASSUMED_CPUS: usize = 256;
 /// and a batch that fits in the CPU cache is processed faster than one that does not.
 const MAX_BATCH: usize = 4096;
 
+/// Room for the copied bytes of a typical batch: later stages hold a chunk only while its batch
+/// is processed, so the buffer is freed (or reused) soon after.
+const BATCH_BYTES: usize = 256 * 1024;
+
 pub struct Capture {
     ring: AsyncFd<RingBuf<MapData>>,
     drain: tokio::time::Interval,
     /// The last batch stopped at [`MAX_BATCH`]: more records are waiting.
     more: bool,
+    /// Holds the copied bytes of a batch's records (see [`Record::parse`]).
+    batch_bytes: BytesMut,
     out_of_scope: HashMap<MapData, u64, u8>,
     /// Cgroups handed to the kernel (or that failed to be): each is tried once.
     exclusions_tried: std::collections::HashSet<u64>,
@@ -281,6 +288,7 @@ impl Capture {
             ring,
             drain,
             more: false,
+            batch_bytes: BytesMut::new(),
             out_of_scope,
             exclusions_tried: std::collections::HashSet::new(),
             excluded: 0,
@@ -303,12 +311,14 @@ impl Capture {
         out: &mut Vec<Record>,
         bad: &mut Vec<CaptureError>,
     ) -> Result<(), CaptureError> {
+        let batch_bytes = &mut self.batch_bytes;
         let mut drain = |ring: &mut RingBuf<MapData>| {
+            batch_bytes.reserve(BATCH_BYTES);
             let mut taken = 0;
             while taken < MAX_BATCH
                 && let Some(item) = ring.next()
             {
-                match Record::parse(&item) {
+                match Record::parse(&item, batch_bytes) {
                     Ok(record) => out.push(record),
                     Err(error) => bad.push(error),
                 }

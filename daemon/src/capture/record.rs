@@ -1,5 +1,5 @@
 //! Typed view of the kernel's ring buffer records.
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use respwatch_common::{Direction, PeerAddr, RecordHeader, Syscall, record_flags, record_kind};
 
 use super::CaptureError;
@@ -54,7 +54,9 @@ pub enum Record {
 }
 
 impl Record {
-    pub fn parse(raw: &[u8]) -> Result<Self, CaptureError> {
+    /// `batch` is where the copied bytes go: records of one batch share its allocation rather
+    /// than each allocating its own.
+    pub fn parse(raw: &[u8], batch: &mut BytesMut) -> Result<Self, CaptureError> {
         let header_len = size_of::<RecordHeader>();
         if raw.len() < header_len {
             return Err(CaptureError::BadRecord {
@@ -98,7 +100,10 @@ impl Record {
                     syscall,
                     direction: syscall.direction(),
                     total_len: header.total_len,
-                    bytes: Bytes::copy_from_slice(data),
+                    bytes: {
+                        batch.extend_from_slice(data);
+                        batch.split().freeze()
+                    },
                     gap_before: header.gap_before,
                     first: header.flags & record_flags::FIRST != 0,
                     comm: header.comm,
