@@ -1,7 +1,7 @@
 //! Aggregate stage: per (role, pod/process, peer, command) counters with Redis' own meaning, a
 //! latency histogram, bytes and errors by prefix. One model behind `GetStats` and `/metrics`.
 use std::{
-    collections::{BTreeMap, VecDeque},
+    collections::{BTreeMap, VecDeque, hash_map::Entry},
     sync::Arc,
 };
 
@@ -234,14 +234,26 @@ impl Aggregator {
                 .1
                 .record(event);
         }
-        let mut groups: Vec<_> = groups.into_iter().collect();
-        groups.sort_unstable_by_key(|(group, _)| group.second);
+        // Connections of one process and peer share a row: their groups are merged here first,
+        // so the long-lived tables (cold in the cache; comparing their keys' strings was 7% of
+        // the daemon) are looked up once per row and batch rather than once per connection.
+        let mut rows: HashMap<(RowKey, u64), RowStats> = HashMap::new();
         for (group, (first, stats)) in groups {
             let mut key = row_key(first);
             if key.command != group.command {
                 key.command = group.command.to_owned();
             }
-            self.add(key, group.second, &stats);
+            match rows.entry((key, group.second)) {
+                Entry::Occupied(mut row) => row.get_mut().merge(&stats),
+                Entry::Vacant(row) => {
+                    row.insert(stats);
+                }
+            }
+        }
+        let mut rows: Vec<_> = rows.into_iter().collect();
+        rows.sort_unstable_by_key(|((_, second), _)| *second);
+        for ((key, second), stats) in rows {
+            self.add(key, second, &stats);
         }
     }
 
