@@ -91,7 +91,8 @@ static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(1310
 /// not an LRU: an LRU may evict another thread's entry mid-syscall, losing its bytes silently;
 /// a full hash fails the insert, which is counted. A thread's entry is rewritten in place and
 /// marked done at syscall exit rather than inserted and deleted per syscall (that allocation
-/// and free was a fifth of the programs' time); it is removed when the thread exits.
+/// and free was a fifth of the programs' time); it is removed when the thread exits. So the
+/// table holds one entry per live thread that has touched a socket, up to 65536.
 #[map]
 static INFLIGHT: HashMap<u64, PendingIo> = HashMap::with_max_entries(65536, 0);
 

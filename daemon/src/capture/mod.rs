@@ -140,8 +140,8 @@ pub struct KernelLosses {
 }
 
 /// How long records may wait in the ring before the reader drains it anyway. The kernel wakes
-/// the reader early only per [`wakeup_bytes_per_cpu`] bytes written, so this bounds the delay under
-/// light traffic; event timestamps come from the kernel and are not affected.
+/// the reader early only per [`wakeup_bytes_per_cpu`] bytes written, so this bounds the delay
+/// under light traffic; event timestamps come from the kernel and are not affected.
 pub const DRAIN_INTERVAL: std::time::Duration = std::time::Duration::from_millis(10);
 
 /// Bytes one CPU writes to the ring before it wakes the reader ahead of [`DRAIN_INTERVAL`]:
