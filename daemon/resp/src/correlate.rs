@@ -550,9 +550,10 @@ impl Correlator {
         let command = command::stats_name(args, frame.len);
         let key_index = command::first_key_index(&command, args);
         let argc = u32::try_from(frame.len).unwrap_or(u32::MAX);
-        let hello_protover = (command == "hello")
-            .then(|| args.get(1).map(|a| a.to_vec()))
-            .flatten();
+        let hello_protover = args
+            .get(1)
+            .filter(|_| command == "hello")
+            .map(|a| a.to_vec());
         // The subscribe family has no subcommands: its stats name is its name.
         let mut expect = match command.as_str() {
             "subscribe" | "psubscribe" | "ssubscribe" if argc >= 2 => Expect::Confirm {

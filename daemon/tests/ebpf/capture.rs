@@ -557,13 +557,9 @@ fn more_short_lived_threads_than_slots_are_all_seen() {
         || harness.shared.counters.kernel_losses[LossReason::InflightFull as usize].load(Relaxed);
     let (full_before, lost_before) = (inflight_full(), harness.lost_bytes());
     let server = RedisServer::start(&[]);
-    let pings = || -> u64 {
-        let stats = server.info("commandstats")["cmdstat_ping"].clone();
-        stats
-            .strip_prefix("calls=")
-            .and_then(|rest| rest.split(',').next())
-            .and_then(|calls| calls.parse().ok())
-            .unwrap_or_else(|| panic!("cmdstat_ping: {stats}"))
+    let pings = || {
+        let (commands, _) = crate::commandstats::redis_stats(&server);
+        commands.get("ping").map_or(0, |(counts, _)| counts.calls)
     };
     let pings_before = pings();
     let clients: Vec<_> = (0..PROCESSES)

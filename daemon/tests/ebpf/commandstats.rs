@@ -16,10 +16,10 @@ use respwatchd::{
 use crate::support::{Harness, RedisServer, WAIT, node_modules, python};
 
 #[derive(Debug, Default, PartialEq, Eq)]
-struct Counts {
-    calls: u64,
-    rejected_calls: u64,
-    failed_calls: u64,
+pub(crate) struct Counts {
+    pub(crate) calls: u64,
+    pub(crate) rejected_calls: u64,
+    pub(crate) failed_calls: u64,
 }
 
 fn parse_fields(text: &str) -> BTreeMap<&str, &str> {
@@ -29,7 +29,9 @@ fn parse_fields(text: &str) -> BTreeMap<&str, &str> {
 }
 
 /// `INFO commandstats errorstats` in one call, so both describe the same moment.
-fn redis_stats(server: &RedisServer) -> (BTreeMap<String, (Counts, u64)>, BTreeMap<String, u64>) {
+pub(crate) fn redis_stats(
+    server: &RedisServer,
+) -> (BTreeMap<String, (Counts, u64)>, BTreeMap<String, u64>) {
     let mut commands = BTreeMap::new();
     let mut errors = BTreeMap::new();
     for (key, value) in server.info("commandstats errorstats") {
