@@ -154,11 +154,13 @@ impl Pipeline {
                 .fetch_add(records.len() as u64, Ordering::Relaxed);
             self.streams
                 .accept_batch(records.drain(..), &mut stream_events);
+            let mut tally = StreamTally::default();
             for event in stream_events.drain(..) {
-                count_stream(counters, &event);
+                tally.count(&event);
                 observe(&event);
                 self.decode.accept(&event, &mut command_events);
             }
+            tally.add_to(counters);
             self.publish(&mut command_events, &mut out_of_scope);
             self.exclude_in_kernel(&mut out_of_scope);
             counters
@@ -232,26 +234,36 @@ impl Pipeline {
     }
 }
 
-fn count_stream(counters: &PipelineCounters, event: &StreamEvent) {
-    match event {
-        StreamEvent::Data(chunk) => {
-            counters.chunks.fetch_add(1, Ordering::Relaxed);
-            counters
-                .bytes
-                .fetch_add(chunk.total_len(), Ordering::Relaxed);
-            counters
-                .lost_bytes
-                .fetch_add(chunk.gap_before, Ordering::Relaxed);
+/// A batch's stream counts, added to the shared atomics once per batch rather than per chunk.
+#[derive(Default)]
+struct StreamTally {
+    chunks: u64,
+    bytes: u64,
+    lost_bytes: u64,
+}
+
+impl StreamTally {
+    fn count(&mut self, event: &StreamEvent) {
+        match event {
+            StreamEvent::Data(chunk) => {
+                self.chunks += 1;
+                self.bytes += chunk.total_len();
+                self.lost_bytes += chunk.gap_before;
+            }
+            StreamEvent::Closed {
+                lost_ingress,
+                lost_egress,
+                ..
+            } => self.lost_bytes += lost_ingress + lost_egress,
         }
-        StreamEvent::Closed {
-            lost_ingress,
-            lost_egress,
-            ..
-        } => {
-            counters
-                .lost_bytes
-                .fetch_add(lost_ingress + lost_egress, Ordering::Relaxed);
-        }
+    }
+
+    fn add_to(&self, counters: &PipelineCounters) {
+        counters.chunks.fetch_add(self.chunks, Ordering::Relaxed);
+        counters.bytes.fetch_add(self.bytes, Ordering::Relaxed);
+        counters
+            .lost_bytes
+            .fetch_add(self.lost_bytes, Ordering::Relaxed);
     }
 }
 
