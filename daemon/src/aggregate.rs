@@ -1,14 +1,17 @@
 //! Aggregate stage: per (role, pod/process, peer, command) counters with Redis' own meaning, a
 //! latency histogram, bytes and errors by prefix. One model behind `GetStats` and `/metrics`.
 use std::{
-    collections::{BTreeMap, VecDeque, hash_map::Entry},
+    collections::{BTreeMap, VecDeque},
     sync::Arc,
 };
 
 use foldhash::{HashMap, HashMapExt};
 use respwatch_resp::correlate::{Outcome, Role};
 
-use crate::event::{CommandEvent, UNKNOWN_COMMAND};
+use crate::{
+    enrich::RowPeer,
+    event::{CommandEvent, UNKNOWN_COMMAND},
+};
 
 /// Rows kept at most; later new rows fold into one overflow row per role, so memory stays
 /// bounded however many processes, peers and commands there are.
@@ -212,9 +215,10 @@ impl Aggregator {
         self.total.len()
     }
 
-    /// Records a batch of events. Events of one connection, role, command and second share a
+    /// Records a batch of events. Events of one process, peer, role, command and second share a
     /// row, so the row key (pod, process and peer strings) is built and hashed once per group
     /// rather than once per event: that lookup was the daemon's largest cost per command.
+    /// `row_key` must depend on nothing else of an event.
     pub fn record_batch(
         &mut self,
         events: &[Arc<CommandEvent>],
@@ -223,7 +227,8 @@ impl Aggregator {
         let mut groups: HashMap<BatchGroup<'_>, (&CommandEvent, RowStats)> = HashMap::new();
         for event in events {
             let group = BatchGroup {
-                conn: Arc::as_ptr(&event.conn) as usize,
+                process: Arc::as_ptr(&event.conn.process) as usize,
+                peer: RowPeer::of(event),
                 role: event.role,
                 command: stats_command(event),
                 second: event.time_unix_ns / 1_000_000_000,
@@ -234,26 +239,17 @@ impl Aggregator {
                 .1
                 .record(event);
         }
-        // Connections of one process and peer share a row: their groups are merged here first,
-        // so the long-lived tables (cold in the cache; comparing their keys' strings was 7% of
-        // the daemon) are looked up once per row and batch rather than once per connection.
-        let mut rows: HashMap<(RowKey, u64), RowStats> = HashMap::new();
-        for (group, (first, stats)) in groups {
+        // Connections of one process and peer share a group, so the row key (strings) is built
+        // and the long-lived tables (cold in the cache) are looked up once per row and batch
+        // rather than once per connection or event.
+        let mut rows: Vec<_> = groups.into_iter().collect();
+        rows.sort_unstable_by_key(|(group, _)| group.second);
+        for (group, (first, stats)) in rows {
             let mut key = row_key(first);
             if key.command != group.command {
                 key.command = group.command.to_owned();
             }
-            match rows.entry((key, group.second)) {
-                Entry::Occupied(mut row) => row.get_mut().merge(&stats),
-                Entry::Vacant(row) => {
-                    row.insert(stats);
-                }
-            }
-        }
-        let mut rows: Vec<_> = rows.into_iter().collect();
-        rows.sort_unstable_by_key(|((_, second), _)| *second);
-        for ((key, second), stats) in rows {
-            self.add(key, second, &stats);
+            self.add(key, group.second, &stats);
         }
     }
 
@@ -359,11 +355,12 @@ impl Aggregator {
     }
 }
 
-/// Events of one batch that land in the same row.
+/// Events of one batch that land in the same row: everything a row key is made of (see
+/// `Attributor::row_key`), the process by identity.
 #[derive(PartialEq, Eq, Hash)]
 struct BatchGroup<'a> {
-    /// The connection's metadata, by identity: one connection, one process and peer.
-    conn: usize,
+    process: usize,
+    peer: RowPeer<'a>,
     role: Role,
     command: &'a str,
     second: u64,

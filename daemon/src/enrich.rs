@@ -1,6 +1,12 @@
 //! Enrich stage: who is behind a connection — process, cgroup, container and (from the cgroup
 //! path) the Kubernetes pod UID. Looked up once per process and cached.
-use std::{collections::HashMap, fs, path::Path, sync::Arc};
+use std::{
+    collections::HashMap,
+    fs,
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::Arc,
+};
 
 use respwatch_resp::correlate::Role;
 
@@ -435,14 +441,36 @@ fn peer_ip(peer: &str) -> Option<std::net::IpAddr> {
 }
 
 fn peer_label(event: &CommandEvent) -> String {
-    match &event.conn.socket {
-        Some(SocketAddrs::Tcp { peer, .. }) => match event.role {
-            Role::Client => peer.to_string(),
-            Role::Server => peer.ip().to_string(),
-        },
-        Some(SocketAddrs::Unix { path }) if !path.is_empty() => format!("unix:{path}"),
-        Some(SocketAddrs::Unix { .. }) => "unix".to_owned(),
-        None => String::new(),
+    match RowPeer::of(event) {
+        RowPeer::Server(addr) => addr.to_string(),
+        RowPeer::Client(ip) => ip.to_string(),
+        RowPeer::Unix("") => "unix".to_owned(),
+        RowPeer::Unix(path) => format!("unix:{path}"),
+        RowPeer::Unknown => String::new(),
+    }
+}
+
+/// The part of a connection's peer that its stats row names: a client's rows name the server
+/// (`ip:port`), a server's rows only the client's IP (client ports are ephemeral), Unix
+/// sockets their path. Cheap to hash, unlike the row's label.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RowPeer<'a> {
+    Server(SocketAddr),
+    Client(IpAddr),
+    Unix(&'a str),
+    Unknown,
+}
+
+impl RowPeer<'_> {
+    pub fn of(event: &CommandEvent) -> RowPeer<'_> {
+        match &event.conn.socket {
+            Some(SocketAddrs::Tcp { peer, .. }) => match event.role {
+                Role::Client => RowPeer::Server(*peer),
+                Role::Server => RowPeer::Client(peer.ip()),
+            },
+            Some(SocketAddrs::Unix { path }) => RowPeer::Unix(path),
+            None => RowPeer::Unknown,
+        }
     }
 }
 
