@@ -166,7 +166,7 @@ impl Pipeline {
             counters
                 .tracked_connections
                 .store(self.streams.tracked() as u64, Ordering::Relaxed);
-            store_decode_counters(counters, &self.decode.counters);
+            store_decode_counters(counters, self.decode.counters());
         }
     }
 
