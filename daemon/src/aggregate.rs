@@ -457,7 +457,7 @@ mod tests {
             time_unix_ns: second * 1_000_000_000 + 5,
             role: Role::Server,
             conn: Arc::clone(conn),
-            command: command.into(),
+            command: command.to_owned().into(),
             key: None,
             argc: 2,
             request_bytes: 10,
@@ -477,7 +477,7 @@ mod tests {
         RowKey {
             pid: event.conn.process.pid,
             comm: event.conn.process.comm.clone(),
-            command: event.command.clone(),
+            command: event.command.to_string(),
             ..RowKey::empty(event.role)
         }
     }

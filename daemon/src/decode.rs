@@ -102,7 +102,7 @@ impl Sink {
                         role: exchange.role,
                         conn: Arc::clone(meta),
                         command: exchange.command,
-                        key: exchange.first_key.and_then(|key| self.keys.apply(key)),
+                        key: exchange.first_key.and_then(|key| self.keys.apply(&key)),
                         argc: exchange.argc,
                         request_bytes: exchange.request_bytes,
                         reply_bytes: exchange.reply_bytes,

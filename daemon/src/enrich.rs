@@ -319,7 +319,7 @@ impl Attributor {
             pid: process.pid,
             comm: process.comm.clone(),
             peer: peer_label(event),
-            command: event.command.clone(),
+            command: event.command.to_string(),
         }
     }
 

@@ -1,5 +1,5 @@
 //! What the pipeline publishes: one event per command (with its reply), plus loss notices.
-use std::{fmt, str::FromStr, sync::Arc};
+use std::{borrow::Cow, fmt, str::FromStr, sync::Arc};
 
 use respwatch_resp::{
     correlate::{Outcome, ReplyKind, Role},
@@ -16,7 +16,8 @@ pub struct CommandEvent {
     pub role: Role,
     pub conn: Arc<ConnMeta>,
     /// Redis' stats name: `get`, `client|setname`; `unknown` for commands Redis does not know.
-    pub command: String,
+    /// Borrowed from the command table when it knows the name.
+    pub command: Cow<'static, str>,
     /// The first key after the [`KeyPolicy`]; values are never kept.
     pub key: Option<String>,
     pub argc: u32,
@@ -170,9 +171,7 @@ impl fmt::Display for KeyPolicy {
 }
 
 impl KeyPolicy {
-    /// Takes the key by value: the common case (a short UTF-8 key) becomes the `String`
-    /// without another allocation.
-    pub fn apply(self, key: Vec<u8>) -> Option<String> {
+    pub fn apply(self, key: &[u8]) -> Option<String> {
         match self {
             KeyPolicy::Off => None,
             KeyPolicy::Full => Some(lossy_string(key)),
@@ -192,9 +191,13 @@ impl KeyPolicy {
     }
 }
 
-fn lossy_string(bytes: Vec<u8>) -> String {
-    String::from_utf8(bytes)
-        .unwrap_or_else(|error| String::from_utf8_lossy(error.as_bytes()).into_owned())
+/// `from_utf8_lossy` walks the bytes in chunks even when they are valid; keys almost always
+/// are, and this runs for every command.
+fn lossy_string(bytes: &[u8]) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.to_owned(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
 }
 
 #[cfg(test)]
@@ -204,45 +207,30 @@ mod tests {
     #[test]
     fn key_policies() {
         assert_eq!(
-            "full"
-                .parse::<KeyPolicy>()
-                .unwrap()
-                .apply(b"user:42".to_vec()),
+            "full".parse::<KeyPolicy>().unwrap().apply(b"user:42"),
             Some("user:42".into())
         );
         assert_eq!(
-            "truncate:4"
-                .parse::<KeyPolicy>()
-                .unwrap()
-                .apply(b"user:42".to_vec()),
+            "truncate:4".parse::<KeyPolicy>().unwrap().apply(b"user:42"),
             Some("user…".into())
         );
         assert_eq!(
             "truncate:40"
                 .parse::<KeyPolicy>()
                 .unwrap()
-                .apply(b"user:42".to_vec()),
+                .apply(b"user:42"),
             Some("user:42".into())
         );
-        assert_eq!(
-            "off"
-                .parse::<KeyPolicy>()
-                .unwrap()
-                .apply(b"user:42".to_vec()),
-            None
-        );
+        assert_eq!("off".parse::<KeyPolicy>().unwrap().apply(b"user:42"), None);
         // Kept as-is up to the limit; bytes that are not UTF-8 are shown, not dropped.
         assert_eq!(
-            KeyPolicy::Truncate(7).apply(b"user:42".to_vec()),
+            KeyPolicy::Truncate(7).apply(b"user:42"),
             Some("user:42".into())
         );
-        assert_eq!(
-            KeyPolicy::Full.apply(b"k\xff".to_vec()),
-            Some("k\u{fffd}".into())
-        );
-        let hashed = KeyPolicy::Hash.apply(b"user:42".to_vec()).unwrap();
+        assert_eq!(KeyPolicy::Full.apply(b"k\xff"), Some("k\u{fffd}".into()));
+        let hashed = KeyPolicy::Hash.apply(b"user:42").unwrap();
         assert_eq!(hashed.len(), 17);
-        assert_ne!(hashed, KeyPolicy::Hash.apply(b"user:43".to_vec()).unwrap());
+        assert_ne!(hashed, KeyPolicy::Hash.apply(b"user:43").unwrap());
         assert!(!hashed.contains("user"));
         for bad in ["", "truncate:", "truncate:0", "truncate:x", "FULL", "cut:3"] {
             assert!(bad.parse::<KeyPolicy>().is_err(), "{bad}");

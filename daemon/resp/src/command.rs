@@ -8,6 +8,8 @@
 //! (any error reply emitted while the command runs: `calls` and `failed_calls` += 1) and
 //! `afterErrorReply` (the errorstats prefix). They were checked against redis-server 7.0.15.
 
+use std::borrow::Cow;
+
 /// Container commands of Redis 7.0: their stats rows are `parent|subcommand`.
 pub const CONTAINERS: [&str; 15] = [
     "acl", "client", "cluster", "command", "config", "function", "latency", "memory", "module",
@@ -42,23 +44,33 @@ const fn spec(arity: i32, key: KeySpec) -> Option<CommandSpec> {
     Some(CommandSpec { arity, key })
 }
 
-/// Arity and key position of a command by its stats name (`get`, `config|get`).
-/// `None` for commands this table does not know (modules, newer versions).
-pub fn command_spec(name: &str) -> Option<CommandSpec> {
+/// One `match` arm per name, each yielding its own `'static` literal with its spec, so a name
+/// read off the wire can be replaced by the table's copy instead of being allocated per command.
+macro_rules! command_table {
+    ($name:expr; $( $($literal:literal)|+ => $spec:expr ),* $(,)?) => {
+        match $name {
+            $( $( $literal => Some(($literal, $spec)), )+ )*
+            _ => None,
+        }
+    };
+}
+
+/// Commands with a known spec, by stats name: the table's copy of the name and the spec.
+fn known_command(name: &str) -> Option<(&'static str, Option<CommandSpec>)> {
     use KeySpec::{AfterStreams, Arg, None as N, Numkeys};
-    match name {
+    command_table! { name;
         // strings
         "get" | "getdel" | "strlen" | "incr" | "decr" | "type" | "ttl" | "pttl" | "persist"
         | "dump" | "expiretime" | "pexpiretime" | "llen" | "hlen" | "hkeys" | "hvals"
         | "hgetall" | "smembers" | "scard" | "zcard" | "xlen" => spec(2, Arg(1)),
         "set" | "lpos" | "copy" | "expire" | "pexpire" | "expireat" | "pexpireat" | "lcs" => {
             spec(-3, Arg(1))
-        }
+        },
         "setnx" | "getset" | "append" | "incrby" | "decrby" | "incrbyfloat" | "lindex"
         | "rename" | "renamenx" | "move" | "hget" | "hexists" | "hstrlen" | "sismember"
         | "zscore" | "zrank" | "zrevrank" | "getbit" | "rpoplpush" | "publish" | "spublish" => {
             spec(3, Arg(1))
-        }
+        },
         "setex" | "psetex" | "getrange" | "setrange" | "substr" | "lrange" | "lset" | "lrem"
         | "ltrim" | "hsetnx" | "hincrby" | "hincrbyfloat" | "smove" | "zincrby" | "zcount"
         | "zlexcount" | "zremrangebyrank" | "zremrangebyscore" | "zremrangebylex" | "setbit"
@@ -67,10 +79,10 @@ pub fn command_spec(name: &str) -> Option<CommandSpec> {
         | "hrandfield" | "zrandmember" | "bitcount" | "bitfield" | "bitfield_ro" | "sort"
         | "sort_ro" | "pfadd" | "pfcount" | "pfmerge" | "geohash" | "geopos" | "watch" => {
             spec(-2, Arg(1))
-        }
+        },
         "del" | "unlink" | "exists" | "touch" | "mget" | "sinter" | "sunion" | "sdiff" => {
             spec(-2, Arg(1))
-        }
+        },
         "mset" | "msetnx" | "lpush" | "rpush" | "lpushx" | "rpushx" | "hmget" | "hdel" | "sadd"
         | "srem" | "smismember" | "zrem" | "zmscore" | "sinterstore" | "sunionstore"
         | "sdiffstore" | "hscan" | "sscan" | "zscan" | "xdel" | "blpop" | "brpop" | "bzpopmin"
@@ -90,7 +102,7 @@ pub fn command_spec(name: &str) -> Option<CommandSpec> {
         "bitop" => spec(-4, Arg(2)),
         "eval" | "evalsha" | "eval_ro" | "evalsha_ro" | "fcall" | "fcall_ro" => {
             spec(-3, Numkeys(2))
-        }
+        },
         "zunion" | "zinter" | "zdiff" | "zintercard" | "sintercard" => spec(-3, Numkeys(1)),
         "lmpop" | "zmpop" => spec(-4, Numkeys(1)),
         "blmpop" | "bzmpop" => spec(-5, Numkeys(2)),
@@ -127,7 +139,7 @@ pub fn command_spec(name: &str) -> Option<CommandSpec> {
         "config|resetstat" | "config|rewrite" | "config|help" => spec(2, N),
         "object|encoding" | "object|freq" | "object|idletime" | "object|refcount" => {
             spec(3, Arg(2))
-        }
+        },
         "memory|usage" => spec(-3, Arg(2)),
         "memory|doctor" | "memory|stats" | "memory|malloc-stats" | "memory|purge" => spec(2, N),
         "script|load" | "script|debug" => spec(3, N),
@@ -157,7 +169,7 @@ pub fn command_spec(name: &str) -> Option<CommandSpec> {
         "latency|histogram" | "latency|reset" => spec(-2, N),
         "pubsub|channels" | "pubsub|numsub" | "pubsub|shardchannels" | "pubsub|shardnumsub" => {
             spec(-2, N)
-        }
+        },
         "pubsub|numpat" => spec(2, N),
         "slowlog|get" => spec(-2, N),
         "slowlog|len" | "slowlog|reset" => spec(2, N),
@@ -167,7 +179,7 @@ pub fn command_spec(name: &str) -> Option<CommandSpec> {
         "cluster|info" | "cluster|nodes" | "cluster|slots" | "cluster|shards" | "cluster|myid"
         | "cluster|links" | "cluster|saveconfig" | "cluster|bumpepoch" | "cluster|flushslots" => {
             spec(2, N)
-        }
+        },
         "cluster|keyslot"
         | "cluster|countkeysinslot"
         | "cluster|forget"
@@ -180,39 +192,68 @@ pub fn command_spec(name: &str) -> Option<CommandSpec> {
         "cluster|addslots" | "cluster|delslots" => spec(-3, N),
         "cluster|meet" | "cluster|setslot" | "cluster|addslotsrange" | "cluster|delslotsrange" => {
             spec(-4, N)
-        }
+        },
         "cluster|reset" | "cluster|failover" => spec(-2, N),
+    }
+}
+
+/// Arity and key position of a command by its stats name (`get`, `config|get`).
+/// `None` for commands this table does not know (modules, newer versions).
+pub fn command_spec(name: &str) -> Option<CommandSpec> {
+    match known_command(name) {
+        Some((_, spec)) => spec,
         // any `help` subcommand
-        n if n.ends_with("|help") => spec(2, N),
+        None if name.ends_with("|help") => spec(2, KeySpec::None),
         // containers themselves (hit only when no subcommand was given)
-        n if CONTAINERS.contains(&n) => spec(-2, N),
-        _ => None,
+        None if CONTAINERS.contains(&name) => spec(-2, KeySpec::None),
+        None => None,
     }
 }
 
 /// Longest command name/subcommand kept (longer names are truncated).
 pub const MAX_NAME_LEN: usize = 64;
 
-fn lower(s: &[u8]) -> String {
-    String::from_utf8_lossy(&s[..s.len().min(MAX_NAME_LEN)]).to_ascii_lowercase()
+/// Writes `s`, cut to [`MAX_NAME_LEN`] bytes and lower-cased, to the start of `dst` (at least
+/// that long); returns its length.
+fn lower_into(dst: &mut [u8], s: &[u8]) -> usize {
+    let len = s.len().min(MAX_NAME_LEN);
+    for (to, from) in dst.iter_mut().zip(&s[..len]) {
+        *to = from.to_ascii_lowercase();
+    }
+    len
 }
 
 /// The name Redis 7 uses in `INFO commandstats` for a command with arguments `args` (kept
 /// prefixes; `args[0]` is the command) and `argc` arguments in total: lower case, and
 /// `parent|sub` for container commands given a subcommand. A container without subcommand is
 /// reported as the container itself (Redis rejects it for arity against that row).
-pub fn stats_name(args: &[&[u8]], argc: u64) -> String {
+///
+/// Names the command table knows come back borrowed from it: this runs for every command.
+pub fn stats_name(args: &[&[u8]], argc: u64) -> Cow<'static, str> {
     let Some(first) = args.first() else {
-        return String::new();
+        return Cow::Borrowed("");
     };
-    let parent = lower(first);
+    // `parent|sub`, on the stack.
+    let mut buf = [0u8; 2 * MAX_NAME_LEN + 1];
+    let mut len = lower_into(&mut buf, first);
     if argc >= 2
-        && CONTAINERS.contains(&parent.as_str())
         && let Some(sub) = args.get(1)
+        && CONTAINERS
+            .iter()
+            .any(|container| container.as_bytes() == &buf[..len])
     {
-        return format!("{parent}|{}", lower(sub));
+        buf[len] = b'|';
+        len += 1;
+        len += lower_into(&mut buf[len..], sub);
     }
-    parent
+    let name = &buf[..len];
+    match std::str::from_utf8(name) {
+        Ok(text) => match known_command(text) {
+            Some((known, _)) => Cow::Borrowed(known),
+            None => Cow::Owned(text.to_owned()),
+        },
+        Err(_) => Cow::Owned(String::from_utf8_lossy(name).into_owned()),
+    }
 }
 
 /// Where the first key of a command is among its kept argument prefixes, when the table knows
@@ -346,6 +387,21 @@ mod tests {
         assert_eq!(stats_name(&[b"CONFIG"], 1), "config");
         assert_eq!(stats_name(&[b"DEBUG", b"sleep", b"0"], 3), "debug");
         assert_eq!(stats_name(&[b"XINFO", b"STREAM", b"s"], 3), "xinfo|stream");
+    }
+
+    #[test]
+    fn names_the_table_does_not_know() {
+        // Module commands and unknown subcommands keep their own (lower-cased) names.
+        assert_eq!(stats_name(&[b"JSON.SET", b"k"], 2), "json.set");
+        assert_eq!(stats_name(&[b"CLIENT", b"Bogus"], 2), "client|bogus");
+        // Cut to MAX_NAME_LEN per part; bytes that are not UTF-8 become U+FFFD.
+        let long = [b'A'; MAX_NAME_LEN + 10];
+        assert_eq!(
+            stats_name(&[b"CLIENT", &long], 2),
+            format!("client|{}", "a".repeat(MAX_NAME_LEN))
+        );
+        assert_eq!(stats_name(&[b"G\xffT"], 1), "g\u{fffd}t");
+        assert_eq!(stats_name(&[], 0), "");
     }
 
     #[test]

@@ -16,10 +16,11 @@
 //! Loss is never silent: decoder desyncs are forwarded, requests that can no longer be paired
 //! are reported as [`Unanswered`], replies without a request as [`Output::UnmatchedReply`].
 
+use std::borrow::Cow;
 use std::collections::VecDeque;
 
 use crate::command::{self, ErrorClass};
-use crate::decode::{Decoded, Decoder, DesyncReason, Frame, Kind, MAX_KEPT_ELEMENTS};
+use crate::decode::{Decoded, Decoder, DesyncReason, Frame, Kind, MAX_KEPT_ELEMENTS, Text};
 
 /// Outstanding requests kept per connection; more are reported and the queue reset.
 pub const MAX_OUTSTANDING: usize = 64 * 1024;
@@ -99,9 +100,9 @@ pub struct Exchange {
     /// Role of the traced process.
     pub role: Role,
     /// Stats name (`get`, `client|setname`).
-    pub command: String,
+    pub command: Cow<'static, str>,
     /// First key, raw and bounded; the daemon applies the privacy policy.
-    pub first_key: Option<Vec<u8>>,
+    pub first_key: Option<Text>,
     /// Argument count including the command name.
     pub argc: u32,
     /// Request bytes on the wire.
@@ -177,9 +178,9 @@ pub struct Unanswered {
     /// Role of the traced process.
     pub role: Role,
     /// Stats name.
-    pub command: String,
+    pub command: Cow<'static, str>,
     /// First key, raw and bounded.
-    pub first_key: Option<Vec<u8>>,
+    pub first_key: Option<Text>,
     /// Argument count.
     pub argc: u32,
     /// Request bytes.
@@ -281,8 +282,8 @@ enum ReplyMode {
 
 #[derive(Debug, Clone)]
 struct Request {
-    command: String,
-    first_key: Option<Vec<u8>>,
+    command: Cow<'static, str>,
+    first_key: Option<Text>,
     argc: u32,
     /// `HELLO`'s protocol version argument: RESP3 starts once the reply is not an error.
     hello_protover: Option<Vec<u8>>,
@@ -555,7 +556,7 @@ impl Correlator {
             .filter(|_| command == "hello")
             .map(|a| a.to_vec());
         // The subscribe family has no subcommands: its stats name is its name.
-        let mut expect = match command.as_str() {
+        let mut expect = match &*command {
             "subscribe" | "psubscribe" | "ssubscribe" if argc >= 2 => Expect::Confirm {
                 kind: SubKind::from_name(args[0]).unwrap_or(SubKind::Subscribe),
                 remaining: Some(u64::from(argc - 1)),
@@ -791,7 +792,7 @@ impl Correlator {
         frame: &Frame,
         out: &mut Vec<Output>,
     ) {
-        let name = req.command.as_str();
+        let name = &*req.command;
         let error = frame.error_text().map(error_of);
         if let Some(queued) = self.multi.as_mut()
             && !matches!(

@@ -13,6 +13,7 @@
 //! layer delivers one chunk per syscall, and a syscall boundary is the only place where a new
 //! message is likely to start. It never guesses a message start in the middle of a chunk.
 
+use smallvec::SmallVec;
 use thiserror::Error;
 
 /// Command arguments / aggregate elements whose text prefix is kept (command name, subcommand,
@@ -22,6 +23,13 @@ pub const MAX_KEPT_ELEMENTS: usize = 4;
 pub const MAX_ELEMENT_TEXT: usize = 128;
 /// Bytes kept from error texts and simple-string replies.
 pub const MAX_TEXT: usize = 256;
+/// Kept texts up to this length live inside their [`Item`] or [`Frame`].
+pub const INLINE_TEXT: usize = 24;
+
+/// A kept text prefix. Command names, most keys and status replies fit inline, so decoding
+/// ordinary traffic allocates nothing per element (an allocation per kept argument was the
+/// largest part of the daemon's time in malloc).
+pub type Text = SmallVec<[u8; INLINE_TEXT]>;
 /// Top-level elements of an aggregate summarised in [`Frame::items`] (EXEC results).
 pub const MAX_ITEMS: usize = 1024;
 /// Longest inline command line, as Redis' `PROTO_INLINE_MAX_SIZE`.
@@ -94,7 +102,7 @@ pub struct Item {
     pub len: u64,
     /// Bounded text prefix: kept for the first [`MAX_KEPT_ELEMENTS`] string elements and for
     /// every error element. Bytes the kernel did not copy are missing from it.
-    pub text: Option<Vec<u8>>,
+    pub text: Option<Text>,
     /// Value of an integer element.
     pub integer: Option<i64>,
 }
@@ -114,7 +122,7 @@ pub struct Frame {
     /// for inline commands.
     pub len: u64,
     /// Bounded text of simple strings, errors, doubles, booleans and big numbers.
-    pub text: Option<Vec<u8>>,
+    pub text: Option<Text>,
     /// Value of an integer reply.
     pub integer: Option<i64>,
     /// Summaries of the first [`MAX_ITEMS`] top-level elements (or inline arguments).
@@ -268,7 +276,7 @@ pub struct Decoder {
     state: State,
     stack: Vec<Agg>,
     line: Vec<u8>,
-    text: Vec<u8>,
+    text: Text,
     items: Vec<Item>,
     all_bulk: bool,
     attributes: u32,
@@ -349,9 +357,9 @@ fn split_inline(line: &[u8]) -> Result<(u64, Vec<Item>), DesyncReason> {
         if i >= n {
             return Ok((argc, items));
         }
-        let mut arg = Vec::new();
+        let mut arg = Text::new();
         let mut len = 0u64;
-        let mut push = |arg: &mut Vec<u8>, b: u8| {
+        let mut push = |arg: &mut Text, b: u8| {
             len += 1;
             if arg.len() < MAX_ELEMENT_TEXT {
                 arg.push(b);
@@ -440,7 +448,7 @@ impl Decoder {
             state: State::Start,
             stack: Vec::new(),
             line: Vec::new(),
-            text: Vec::new(),
+            text: Text::new(),
             items: Vec::new(),
             all_bulk: true,
             attributes: 0,
@@ -466,7 +474,7 @@ impl Decoder {
             + self
                 .items
                 .iter()
-                .map(|i| i.text.as_ref().map_or(0, Vec::len))
+                .map(|i| i.text.as_ref().map_or(0, |text| text.len()))
                 .sum::<usize>()
     }
 
@@ -814,7 +822,7 @@ impl Decoder {
         self.text.truncate(content_len);
         let valid = match kind {
             Kind::Null => content_len == 0,
-            Kind::Boolean => self.text == b"t" || self.text == b"f",
+            Kind::Boolean => matches!(self.text.as_slice(), b"t" | b"f"),
             _ => true,
         };
         if !valid {

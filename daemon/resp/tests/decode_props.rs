@@ -112,7 +112,7 @@ fn shape(f: &Frame) -> Frame {
     f
 }
 
-fn is_prefix(short: &Option<Vec<u8>>, long: &Option<Vec<u8>>) -> bool {
+fn is_prefix(short: Option<&[u8]>, long: Option<&[u8]>) -> bool {
     match (short, long) {
         (None, None) => true,
         (Some(s), Some(l)) => l.starts_with(s),
@@ -161,7 +161,7 @@ proptest! {
         for (s, w) in split.iter().zip(&whole) {
             prop_assert_eq!(shape(s), shape(w));
             for (si, wi) in s.items.iter().zip(&w.items) {
-                prop_assert!(is_prefix(&si.text, &wi.text));
+                prop_assert!(is_prefix(si.text.as_deref(), wi.text.as_deref()));
             }
         }
         prop_assert_eq!(d.pending_bytes(), 0);

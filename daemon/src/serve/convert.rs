@@ -40,7 +40,7 @@ pub fn event(key: &RowKey, event: &CommandEvent, attributor: &Attributor) -> v1:
         container_id: process.container_id.clone().unwrap_or_default(),
         local_addr,
         peer_addr: peer_addr.clone(),
-        command: event.command.clone(),
+        command: event.command.to_string(),
         key: event.key.clone().unwrap_or_default(),
         argc: event.argc,
         request_bytes: event.request_bytes,

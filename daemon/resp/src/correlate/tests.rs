@@ -23,7 +23,7 @@ fn exchanges(out: &[Output]) -> Vec<&Exchange> {
 fn summary(out: &[Output]) -> Vec<(String, Outcome, bool)> {
     exchanges(out)
         .iter()
-        .map(|e| (e.command.clone(), e.outcome, e.counted))
+        .map(|e| (e.command.to_string(), e.outcome, e.counted))
         .collect()
 }
 
@@ -360,7 +360,10 @@ fn desync_flushes_and_pairing_recovers() {
     );
     c.feed(Ingress, 6, b"*1\r\n$4\r\nPING\r\n", 0, &mut out);
     c.feed(Egress, 7, b"+PONG\r\n", 0, &mut out);
-    let names: Vec<String> = exchanges(&out).iter().map(|e| e.command.clone()).collect();
+    let names: Vec<String> = exchanges(&out)
+        .iter()
+        .map(|e| e.command.to_string())
+        .collect();
     assert_eq!(names, vec!["get", "ping"]);
 }
 

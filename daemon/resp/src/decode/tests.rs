@@ -275,7 +275,7 @@ fn long_simple_lines_stream_without_buffering() {
     d.feed(b"\"\r\n", 0, &mut out);
     let f = frames(&out);
     assert_eq!(f.len(), 1);
-    assert_eq!(f[0].text.as_ref().map(Vec::len), Some(MAX_TEXT));
+    assert_eq!(f[0].text.as_ref().map(|text| text.len()), Some(MAX_TEXT));
 }
 
 #[test]
