@@ -16,6 +16,8 @@
 use smallvec::SmallVec;
 use thiserror::Error;
 
+mod whole;
+
 /// Command arguments / aggregate elements whose text prefix is kept (command name, subcommand,
 /// first key, `CLIENT REPLY OFF`, pub/sub message kinds).
 pub const MAX_KEPT_ELEMENTS: usize = 4;
@@ -506,6 +508,10 @@ impl Decoder {
         let chunk_end = self.pos.wrapping_add(copied.len() as u64);
         let mut rest = copied;
         while !rest.is_empty() {
+            if let Some(n) = self.whole_message(rest, out) {
+                rest = &rest[n..];
+                continue;
+            }
             match self.step(rest, out) {
                 Ok(n) => rest = &rest[n..],
                 Err(reason) => {
@@ -518,6 +524,20 @@ impl Decoder {
         if uncopied > 0 {
             self.skip_unknown(uncopied, DesyncReason::Truncated, out);
         }
+    }
+
+    /// A message that starts here and lies wholly in `input`, when it has one of the common
+    /// shapes [`whole`] decodes in one pass, in under half the state machine's instructions.
+    fn whole_message(&mut self, input: &[u8], out: &mut Vec<Decoded>) -> Option<usize> {
+        if !matches!(self.state, State::Start) || !self.stack.is_empty() || self.attributes > 0 {
+            return None;
+        }
+        let (mut frame, len) = whole::whole_message(input)?;
+        frame.wire_len = len as u64;
+        self.advance(len);
+        self.frame_start = self.pos;
+        out.push(Decoded::Frame(frame));
+        Some(len)
     }
 
     /// `len` bytes of the stream were lost (ring buffer overflow): content unknown.

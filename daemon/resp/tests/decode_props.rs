@@ -47,6 +47,14 @@ fn val() -> impl Strategy<Value = Val> {
     })
 }
 
+/// Status and error lines longer than what is kept of them.
+fn long_line() -> impl Strategy<Value = Val> {
+    prop_oneof![
+        "[a-z ]{200,600}".prop_map(Val::Simple),
+        "[A-Z]{1,8} [a-z ]{200,600}".prop_map(Val::Err),
+    ]
+}
+
 fn command() -> impl Strategy<Value = Val> {
     prop::collection::vec((0usize..2000, 97u8..123), 1..6)
         .prop_map(|args| Val::Arr(args.into_iter().map(|(n, b)| Val::Bulk(n, b)).collect()))
@@ -165,6 +173,26 @@ proptest! {
             }
         }
         prop_assert_eq!(d.pending_bytes(), 0);
+    }
+
+    /// One byte per chunk, no message is ever whole in a chunk: the state machine decodes all of
+    /// it, and must build exactly the frames the one-pass decoding of whole messages builds.
+    #[test]
+    fn one_byte_chunks_decode_exactly_like_whole_messages(
+        msgs in prop::collection::vec(prop_oneof![val(), command(), long_line()], 1..8),
+    ) {
+        let mut bytes = Vec::new();
+        for m in &msgs {
+            ser(m, &mut bytes, &mut Vec::new());
+        }
+        let mut whole_out = Vec::new();
+        Decoder::new().feed(&bytes, 0, &mut whole_out);
+        let mut d = Decoder::new();
+        let mut split_out = Vec::new();
+        for byte in bytes.chunks(1) {
+            d.feed(byte, 0, &mut split_out);
+        }
+        prop_assert_eq!(frames(split_out), frames(whole_out));
     }
 
     #[test]
