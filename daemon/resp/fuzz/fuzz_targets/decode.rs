@@ -1,5 +1,7 @@
 //! Arbitrary bytes, split at fuzzer-chosen points with fuzzer-chosen truncation and loss, must
-//! never panic, must keep memory bounded and must account for every byte.
+//! never panic, must keep memory bounded and must account for every byte. Bytes that decode
+//! without a desync when fed whole (where whole messages take the one-pass path) must decode to
+//! the same frames fed one byte at a time (always the state machine).
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
@@ -33,4 +35,15 @@ fuzz_target!(|data: &[u8]| {
         })
         .sum();
     assert_eq!(accounted + d.pending_bytes(), total);
+
+    let mut whole = Vec::new();
+    Decoder::new().feed(data, 0, &mut whole);
+    if whole.iter().all(|o| matches!(o, Decoded::Frame(_))) {
+        let mut stepped_decoder = Decoder::new();
+        let mut stepped = Vec::new();
+        for byte in data.chunks(1) {
+            stepped_decoder.feed(byte, 0, &mut stepped);
+        }
+        assert_eq!(stepped, whole);
+    }
 });
