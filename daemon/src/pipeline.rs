@@ -77,8 +77,55 @@ pub struct Shared {
 }
 
 impl Shared {
+    pub fn new(config: PipelineConfig, attributor: Attributor) -> Self {
+        let (events, _) = broadcast::channel(config.subscriber_queue);
+        Self {
+            counters: PipelineCounters::default(),
+            aggregator: Mutex::new(Aggregator::new()),
+            history: Mutex::new(VecDeque::with_capacity(config.history)),
+            events,
+            attributor,
+            config,
+        }
+    }
+
     pub fn row_key(&self, event: &CommandEvent) -> RowKey {
         self.attributor.row_key(event)
+    }
+
+    /// Hands a batch of events to the aggregator, the history and the subscribers.
+    /// `out_of_scope` gets the cgroups of events that can never be in `--namespaces`' scope.
+    pub fn publish(&self, events: &mut Vec<Arc<CommandEvent>>, out_of_scope: &mut Vec<u64>) {
+        // `--namespaces`: out-of-scope events go no further; their cgroups are then skipped in
+        // the kernel too, so they cost almost nothing from the next syscall on.
+        events.retain(|event| {
+            let keep = self.attributor.in_scope(event);
+            if !keep && self.attributor.never_in_scope(&event.conn.process) {
+                out_of_scope.push(event.conn.process.cgroup_id);
+            }
+            keep
+        });
+        if events.is_empty() {
+            return;
+        }
+        self.counters
+            .events
+            .fetch_add(events.len() as u64, Ordering::Relaxed);
+        if let Ok(mut aggregator) = self.aggregator.lock() {
+            aggregator.record_batch(events, |event| self.row_key(event));
+        }
+        if let Ok(mut history) = self.history.lock() {
+            for event in events.iter() {
+                if history.len() == self.config.history {
+                    history.pop_front();
+                }
+                history.push_back(Arc::clone(event));
+            }
+        }
+        for event in events.drain(..) {
+            // No subscribers is fine; slow ones see `Lagged(n)` and report the loss.
+            let _ = self.events.send(event);
+        }
     }
 }
 
@@ -91,21 +138,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(capture: Capture, config: PipelineConfig, attributor: Attributor) -> Self {
-        let (events, _) = broadcast::channel(config.subscriber_queue);
-        let decode = DecodeStage::new(config.keys, realtime_offset_ns());
-        let shared = Arc::new(Shared {
-            counters: PipelineCounters::default(),
-            aggregator: Mutex::new(Aggregator::new()),
-            history: Mutex::new(VecDeque::with_capacity(config.history)),
-            events,
-            attributor,
-            config,
-        });
         Self {
             capture,
             streams: Streams::new(),
-            decode,
-            shared,
+            decode: DecodeStage::new(config.keys, realtime_offset_ns()),
+            shared: Arc::new(Shared::new(config, attributor)),
         }
     }
 
@@ -161,48 +198,12 @@ impl Pipeline {
                 self.decode.accept(&event, &mut command_events);
             }
             tally.add_to(counters);
-            self.publish(&mut command_events, &mut out_of_scope);
+            shared.publish(&mut command_events, &mut out_of_scope);
             self.exclude_in_kernel(&mut out_of_scope);
             counters
                 .tracked_connections
                 .store(self.streams.tracked() as u64, Ordering::Relaxed);
             store_decode_counters(counters, self.decode.counters());
-        }
-    }
-
-    /// `out_of_scope` gets the cgroups of events that can never be in `--namespaces`' scope.
-    fn publish(&self, events: &mut Vec<Arc<CommandEvent>>, out_of_scope: &mut Vec<u64>) {
-        let shared = &self.shared;
-        // `--namespaces`: out-of-scope events go no further; their cgroups are then skipped in
-        // the kernel too, so they cost almost nothing from the next syscall on.
-        events.retain(|event| {
-            let keep = shared.attributor.in_scope(event);
-            if !keep && shared.attributor.never_in_scope(&event.conn.process) {
-                out_of_scope.push(event.conn.process.cgroup_id);
-            }
-            keep
-        });
-        if events.is_empty() {
-            return;
-        }
-        shared
-            .counters
-            .events
-            .fetch_add(events.len() as u64, Ordering::Relaxed);
-        if let Ok(mut aggregator) = shared.aggregator.lock() {
-            aggregator.record_batch(events, |event| shared.row_key(event));
-        }
-        if let Ok(mut history) = shared.history.lock() {
-            for event in events.iter() {
-                if history.len() == shared.config.history {
-                    history.pop_front();
-                }
-                history.push_back(Arc::clone(event));
-            }
-        }
-        for event in events.drain(..) {
-            // No subscribers is fine; slow ones see `Lagged(n)` and report the loss.
-            let _ = shared.events.send(event);
         }
     }
 
