@@ -10,7 +10,11 @@
 //! alone: copying the records out of the ring, which no design can skip.
 //! Run: `cargo bench -p respwatchd --bench pipeline`.
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[path = "../../benches/fastest.rs"]
+mod fastest;
+use fastest::fastest;
 
 use bytes::BytesMut;
 use respwatch_common::{PeerAddr, RecordHeader, Syscall, record_flags, record_kind};
@@ -98,9 +102,10 @@ fn records() -> Vec<Vec<u8>> {
 
 /// Every stage, batch by batch, as `Pipeline::run` drives them; returns the events published.
 fn pipeline(records: &[Vec<u8>]) -> u64 {
-    let shared = Shared::new(PipelineConfig::default(), Attributor::new(None, Vec::new()));
+    let config = PipelineConfig::default();
+    let mut decode = DecodeStage::new(config.keys, 0);
+    let shared = Shared::new(config, Attributor::new(None, Vec::new()));
     let mut streams = Streams::new();
-    let mut decode = DecodeStage::new(PipelineConfig::default().keys, 0);
     let (mut parsed, mut stream_events, mut events, mut out_of_scope) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut batch_bytes = BytesMut::new();
@@ -135,18 +140,6 @@ fn parse_only(records: &[Vec<u8>]) -> u64 {
     total
 }
 
-/// Fastest of [`ROUNDS`] runs: the least disturbed by the rest of the machine.
-fn fastest(mut run: impl FnMut() -> u64) -> (Duration, u64) {
-    let mut best = Duration::MAX;
-    let mut result = 0;
-    for _ in 0..ROUNDS {
-        let start = Instant::now();
-        result = black_box(run());
-        best = best.min(start.elapsed());
-    }
-    (best, result)
-}
-
 fn main() {
     assert_eq!(
         size_of::<RecordHeader>(),
@@ -154,8 +147,8 @@ fn main() {
         "RecordHeader has padding: raw_record would read uninitialised bytes"
     );
     let records = records();
-    let (baseline, data_records) = fastest(|| parse_only(&records));
-    let (elapsed, events) = fastest(|| pipeline(&records));
+    let (baseline, data_records) = fastest(ROUNDS, || parse_only(&records));
+    let (elapsed, events) = fastest(ROUNDS, || pipeline(&records));
     assert_eq!(data_records, records.len() as u64);
     assert_eq!(
         events,

@@ -8,7 +8,11 @@
 //! measured in the same run, is one pass over the same bytes looking for line ends: the least
 //! any RESP decoder has to do. Run: `cargo bench -p respwatch-resp`.
 use std::hint::black_box;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+#[path = "../../../benches/fastest.rs"]
+mod fastest;
+use fastest::fastest;
 
 use respwatch_resp::correlate::{Correlator, Direction, Output};
 
@@ -82,26 +86,14 @@ fn scan(work: &Workload) -> usize {
     lines
 }
 
-/// Fastest of [`ROUNDS`] runs: the least disturbed by the rest of the machine.
-fn fastest(mut run: impl FnMut() -> usize) -> (Duration, usize) {
-    let mut best = Duration::MAX;
-    let mut result = 0;
-    for _ in 0..ROUNDS {
-        let start = Instant::now();
-        result = black_box(run());
-        best = best.min(start.elapsed());
-    }
-    (best, result)
-}
-
 fn main() {
     println!(
         "{:<8} {:>14} {:>14} {:>8}",
         "workload", "ns/command", "baseline ns", "ratio"
     );
     for work in [workload("-P 1", 1), workload("-P 16", 16)] {
-        let (baseline, _) = fastest(|| scan(&work));
-        let (elapsed, events) = fastest(|| correlate(&work));
+        let (baseline, _) = fastest(ROUNDS, || scan(&work));
+        let (elapsed, events) = fastest(ROUNDS, || correlate(&work));
         assert_eq!(events, 2 * COMMANDS, "every command paired on both sides");
         let per_command = |d: Duration| d.as_nanos() as f64 / COMMANDS as f64;
         println!(

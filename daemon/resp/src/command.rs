@@ -40,8 +40,8 @@ pub struct CommandSpec {
     pub key: KeySpec,
 }
 
-const fn spec(arity: i32, key: KeySpec) -> Option<CommandSpec> {
-    Some(CommandSpec { arity, key })
+const fn spec(arity: i32, key: KeySpec) -> CommandSpec {
+    CommandSpec { arity, key }
 }
 
 /// One `match` arm per name, each yielding its own `'static` literal with its spec, so a name
@@ -56,7 +56,7 @@ macro_rules! command_table {
 }
 
 /// Commands with a known spec, by stats name: the table's copy of the name and the spec.
-fn known_command(name: &str) -> Option<(&'static str, Option<CommandSpec>)> {
+fn known_command(name: &str) -> Option<(&'static str, CommandSpec)> {
     use KeySpec::{AfterStreams, Arg, None as N, Numkeys};
     command_table! { name;
         // strings
@@ -201,13 +201,31 @@ fn known_command(name: &str) -> Option<(&'static str, Option<CommandSpec>)> {
 /// `None` for commands this table does not know (modules, newer versions).
 pub fn command_spec(name: &str) -> Option<CommandSpec> {
     match known_command(name) {
-        Some((_, spec)) => spec,
-        // any `help` subcommand
-        None if name.ends_with("|help") => spec(2, KeySpec::None),
-        // containers themselves (hit only when no subcommand was given)
-        None if CONTAINERS.contains(&name) => spec(-2, KeySpec::None),
-        None => None,
+        Some((_, spec)) => Some(spec),
+        None => unlisted_spec(name),
     }
+}
+
+/// Specs of names the table does not list one by one.
+fn unlisted_spec(name: &str) -> Option<CommandSpec> {
+    if name.ends_with("|help") {
+        // any `help` subcommand
+        Some(spec(2, KeySpec::None))
+    } else if CONTAINERS.contains(&name) {
+        // containers themselves (hit only when no subcommand was given)
+        Some(spec(-2, KeySpec::None))
+    } else {
+        None
+    }
+}
+
+/// A command as read off the wire: its stats name and, when known, its spec.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identified {
+    /// See [`identify`].
+    pub name: Cow<'static, str>,
+    /// As [`command_spec`] gives it for `name`, found by the same lookup.
+    pub spec: Option<CommandSpec>,
 }
 
 /// Longest command name/subcommand kept (longer names are truncated).
@@ -228,10 +246,14 @@ fn lower_into(dst: &mut [u8], s: &[u8]) -> usize {
 /// `parent|sub` for container commands given a subcommand. A container without subcommand is
 /// reported as the container itself (Redis rejects it for arity against that row).
 ///
-/// Names the command table knows come back borrowed from it: this runs for every command.
-pub fn stats_name(args: &[&[u8]], argc: u64) -> Cow<'static, str> {
+/// Names the command table knows come back borrowed from it, with their spec from the same
+/// lookup: this runs for every command.
+pub fn identify(args: &[&[u8]], argc: u64) -> Identified {
     let Some(first) = args.first() else {
-        return Cow::Borrowed("");
+        return Identified {
+            name: Cow::Borrowed(""),
+            spec: None,
+        };
     };
     // `parent|sub`, on the stack.
     let mut buf = [0u8; 2 * MAX_NAME_LEN + 1];
@@ -247,19 +269,25 @@ pub fn stats_name(args: &[&[u8]], argc: u64) -> Cow<'static, str> {
         len += lower_into(&mut buf[len..], sub);
     }
     let name = &buf[..len];
+    let unlisted = |text: String| Identified {
+        spec: unlisted_spec(&text),
+        name: Cow::Owned(text),
+    };
     match std::str::from_utf8(name) {
         Ok(text) => match known_command(text) {
-            Some((known, _)) => Cow::Borrowed(known),
-            None => Cow::Owned(text.to_owned()),
+            Some((known, spec)) => Identified {
+                name: Cow::Borrowed(known),
+                spec: Some(spec),
+            },
+            None => unlisted(text.to_owned()),
         },
-        Err(_) => Cow::Owned(String::from_utf8_lossy(name).into_owned()),
+        Err(_) => unlisted(String::from_utf8_lossy(name).into_owned()),
     }
 }
 
-/// Where the first key of a command is among its kept argument prefixes, when the table knows
-/// where it is and it lies within the kept arguments.
-pub fn first_key_index(name: &str, args: &[&[u8]]) -> Option<usize> {
-    let spec = command_spec(name)?;
+/// Where the first key of a command with `spec` is among its kept argument prefixes, when it
+/// lies within them.
+pub fn first_key_index(spec: CommandSpec, args: &[&[u8]]) -> Option<usize> {
     let idx = match spec.key {
         KeySpec::None => return None,
         KeySpec::Arg(i) => i,
@@ -373,6 +401,24 @@ fn contains(hay: &[u8], needle: &[u8]) -> bool {
 mod tests {
     use super::*;
 
+    fn stats_name(args: &[&[u8]], argc: u64) -> Cow<'static, str> {
+        identify(args, argc).name
+    }
+
+    #[test]
+    fn identify_finds_the_spec_command_spec_gives() {
+        for args in [
+            &[&b"GET"[..], b"k"][..],
+            &[b"CLIENT", b"help"],
+            &[b"CLIENT"],
+            &[b"CONFIG", b"GET", b"x"],
+            &[b"JSON.SET", b"k"],
+        ] {
+            let found = identify(args, args.len() as u64);
+            assert_eq!(found.spec, command_spec(&found.name), "{:?}", found.name);
+        }
+    }
+
     #[test]
     fn names_containers_and_plain_commands() {
         assert_eq!(stats_name(&[b"GET", b"k"], 2), "get");
@@ -406,8 +452,10 @@ mod tests {
 
     #[test]
     fn first_keys() {
-        let first_key =
-            |name, args: &[&[u8]]| first_key_index(name, args).map(|index| args[index].to_vec());
+        let first_key = |name, args: &[&[u8]]| {
+            let spec = command_spec(name)?;
+            first_key_index(spec, args).map(|index| args[index].to_vec())
+        };
         assert_eq!(first_key("get", &[b"GET", b"k1"]), Some(b"k1".to_vec()));
         assert_eq!(first_key("ping", &[b"PING"]), None);
         assert_eq!(

@@ -548,8 +548,11 @@ impl Correlator {
             *arg = item.text.as_deref().unwrap_or_default();
         }
         let args = &kept[..frame.items.len().min(MAX_KEPT_ELEMENTS)];
-        let command = command::stats_name(args, frame.len);
-        let key_index = command::first_key_index(&command, args);
+        let command::Identified {
+            name: command,
+            spec,
+        } = command::identify(args, frame.len);
+        let key_index = spec.and_then(|spec| command::first_key_index(spec, args));
         let argc = u32::try_from(frame.len).unwrap_or(u32::MAX);
         let hello_protover = args
             .get(1)
