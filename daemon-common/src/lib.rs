@@ -15,6 +15,10 @@ pub const COPY_PIECES: usize = 3;
 /// Bytes the kernel looks at to decide whether a connection speaks RESP.
 pub const CLASSIFY_PEEK: usize = 16;
 
+/// Record rings the programs can write to (`RECORDS_0` …). The daemon uses one per CPU, up to
+/// this many; more CPUs share them.
+pub const RING_MAPS: u32 = 4;
+
 /// How many first chunks of an unclassified socket may fail to look like RESP before it is
 /// ignored for good. More than one, so a connection that was already running when the daemon
 /// started (its first seen chunk may be the middle of a large value) is still picked up.
@@ -213,7 +217,11 @@ pub struct ConnState {
     pub peer: PeerAddr,
     pub status: u8,
     pub misses: u8,
-    pub _pad: [u8; 2],
+    /// Which of the record rings carries this connection's records: the ring of the CPU that
+    /// classified it, so that the connection's records stay in order and processes on
+    /// different CPUs rarely write to the same ring.
+    pub ring: u8,
+    pub _pad: u8,
 }
 
 impl ConnState {
@@ -224,7 +232,8 @@ impl ConnState {
             peer,
             status: conn_status::PROBING,
             misses,
-            _pad: [0; 2],
+            ring: 0,
+            _pad: 0,
         }
     }
 }

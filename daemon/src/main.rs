@@ -32,7 +32,8 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Size of the kernel-to-user ring buffer in bytes (a power of two, at least 4096).
+    /// Bytes of the kernel-to-user record rings together (a power of two, at least 4096), split
+    /// evenly between them (one per CPU, up to 4).
     #[arg(long, env = "RESPWATCH_RING_BYTES", default_value_t = 64 * 1024 * 1024)]
     ring_bytes: u32,
     /// How much of each key name events keep: full, truncate:N, hash or off. Values are never

@@ -135,6 +135,18 @@ impl Streams {
                 *last_ns = chunk.ts_ns;
                 Arc::clone(meta)
             }
+            // A straggler of an older connection on this fd, read after its successor had
+            // started: that connection has ended already, so its bytes can only be dropped.
+            // One ring per process keeps this from happening while the process lives.
+            Some((meta, _)) if meta.kernel.start_ns > chunk.conn.start_ns => {
+                tracing::warn!(
+                    tgid = chunk.conn.tgid,
+                    fd = chunk.conn.fd,
+                    bytes = chunk.bytes.len() as u64 + chunk.uncopied(),
+                    "dropped a late chunk of an earlier connection on a reused fd"
+                );
+                return;
+            }
             stale => {
                 // A new connection on this fd; an old one whose close was lost ends here.
                 if stale.is_some()
@@ -203,5 +215,75 @@ impl Streams {
             }
         }
         self.processes.retain_alive();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+    use respwatch_common::{Direction, PeerAddr, Syscall};
+
+    use super::*;
+    use crate::capture::{Chunk, ConnRef, Record};
+
+    fn chunk(start_ns: u64, ts_ns: u64, bytes: &'static [u8]) -> Record {
+        Record::Data(Chunk {
+            conn: ConnRef {
+                tgid: std::process::id(),
+                fd: 7,
+                start_ns,
+            },
+            tid: std::process::id(),
+            ts_ns,
+            cgroup_id: 0,
+            syscall: Syscall::Write,
+            direction: Direction::Egress,
+            total_len: bytes.len() as u64,
+            bytes: Bytes::from_static(bytes),
+            gap_before: 0,
+            first: false,
+            comm: [0; 16],
+            peer: PeerAddr::UNKNOWN,
+        })
+    }
+
+    fn conn_ids(events: &[StreamEvent]) -> Vec<(&'static str, u64)> {
+        events
+            .iter()
+            .map(|event| match event {
+                StreamEvent::Data(data) => ("data", data.conn.kernel.start_ns),
+                StreamEvent::Closed { conn, .. } => ("closed", conn.kernel.start_ns),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_reused_fd_starts_a_new_connection_and_ends_the_old_one() {
+        let mut streams = Streams::new();
+        let mut events = Vec::new();
+        streams.accept_batch(
+            [chunk(100, 110, b"*1\r\n"), chunk(200, 210, b"*2\r\n")],
+            &mut events,
+        );
+        assert_eq!(
+            conn_ids(&events),
+            [("data", 100), ("closed", 100), ("data", 200)]
+        );
+    }
+
+    #[test]
+    fn a_late_chunk_of_an_earlier_connection_does_not_end_its_successor() {
+        let mut streams = Streams::new();
+        let mut events = Vec::new();
+        streams.accept_batch(
+            [
+                chunk(200, 210, b"*1\r\n"),
+                chunk(100, 120, b"+OK\r\n"),
+                chunk(200, 220, b"$3\r\n"),
+            ],
+            &mut events,
+        );
+        assert_eq!(conn_ids(&events), [("data", 200), ("data", 200)]);
+        assert_eq!(streams.tracked(), 1);
     }
 }

@@ -1,5 +1,6 @@
 //! Capture stage: loads and attaches the eBPF programs, seeds them with the sockets that already
-//! exist, and reads typed records from the ring buffer.
+//! exist, and reads typed records from the record rings (as many as CPUs, up to [`RING_MAPS`];
+//! each process writes to one).
 //!
 //! Minimum kernel: 5.8 (BPF ring buffer); syscall tracepoints (`CONFIG_FTRACE_SYSCALLS`) and
 //! tracefs. Programs are detached when [`Capture`] is dropped.
@@ -13,7 +14,8 @@ use aya::{
     programs::TracePoint,
 };
 use bytes::BytesMut;
-use respwatch_common::{ConnKey, ConnState, LOSS_REASONS, LossReason};
+use respwatch_common::{ConnKey, ConnState, LOSS_REASONS, LossReason, RING_MAPS};
+use std::task::Poll;
 use tokio::io::unix::AsyncFd;
 
 pub use preflight::TRACEFS;
@@ -117,7 +119,8 @@ pub enum CaptureError {
 
 #[derive(Clone, Debug)]
 pub struct CaptureConfig {
-    /// Size of the kernel-to-user ring buffer in bytes (a power of two).
+    /// Bytes of all kernel-to-user record rings together (a power of two), split evenly
+    /// between them.
     pub ring_bytes: u32,
     /// Only some namespaces are observed (`--namespaces`): cgroups handed to
     /// [`Capture::exclude_cgroup`] are then skipped in the kernel.
@@ -151,6 +154,29 @@ fn wakeup_bytes_per_cpu(ring_bytes: u32, cpus: usize) -> u64 {
     (u64::from(ring_bytes) / 8).min(1024 * 1024) / cpus.max(1) as u64
 }
 
+/// The names of the record rings in the eBPF object, in the programs' order.
+const RING_NAMES: [&str; RING_MAPS as usize] = ["RECORDS_0", "RECORDS_1", "RECORDS_2", "RECORDS_3"];
+
+/// How many record rings to use and the bytes of each: one per CPU up to [`RING_MAPS`], a
+/// power of two so that `ring_bytes` splits into equal powers of two, and none smaller than a
+/// page (a small `ring_bytes` gets fewer rings).
+fn ring_layout(ring_bytes: u32, cpus: usize, page_bytes: u32) -> (u32, u32) {
+    let mut rings = RING_MAPS
+        .min(u32::try_from(cpus).unwrap_or(u32::MAX))
+        .max(1);
+    rings = 1 << rings.ilog2();
+    while rings > 1 && ring_bytes / rings < page_bytes {
+        rings /= 2;
+    }
+    (rings, ring_bytes / rings)
+}
+
+fn page_bytes() -> u32 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    u32::try_from(page).unwrap_or(4096)
+}
+
 /// CPUs the programs may run on. If sysfs cannot say, assume many: that only wakes the reader
 /// more often.
 fn possible_cpus() -> usize {
@@ -171,7 +197,10 @@ const MAX_BATCH: usize = 4096;
 const BATCH_BYTES: usize = 256 * 1024;
 
 pub struct Capture {
-    ring: AsyncFd<RingBuf<MapData>>,
+    /// Each connection's records are in one ring, in order; across rings there is no order.
+    rings: Vec<AsyncFd<RingBuf<MapData>>>,
+    /// The ring a drain starts with, rotated so that a busy ring cannot starve the others.
+    first_ring: usize,
     drain: tokio::time::Interval,
     /// The last batch stopped at [`MAX_BATCH`]: more records are waiting.
     more: bool,
@@ -207,16 +236,27 @@ impl Capture {
         preflight::raise_memlock_limit();
 
         let self_tgid = std::process::id();
-        let wakeup = wakeup_bytes_per_cpu(config.ring_bytes, possible_cpus());
-        let mut ebpf = EbpfLoader::new()
+        let cpus = possible_cpus();
+        let page = page_bytes();
+        let (rings, bytes_per_ring) = ring_layout(config.ring_bytes, cpus, page);
+        let wakeup = wakeup_bytes_per_cpu(bytes_per_ring, cpus);
+        let scoped = u8::from(config.scoped);
+        let mut loader = EbpfLoader::new();
+        loader
             .override_global("SELF_TGID", &self_tgid, true)
             .override_global("WAKEUP_BYTES_PER_CPU", &wakeup, true)
-            .override_global("SCOPED", &u8::from(config.scoped), true)
-            .map_max_entries("RECORDS", config.ring_bytes)
+            .override_global("SCOPED", &scoped, true)
+            .override_global("RINGS", &rings, true);
+        for (index, name) in (0..).zip(RING_NAMES) {
+            // Rings the programs do not use still need a valid size: the smallest.
+            loader.map_max_entries(name, if index < rings { bytes_per_ring } else { page });
+        }
+        let mut ebpf = loader
             .load(EBPF_OBJECT)
             .map_err(|source| CaptureError::Load {
                 source: Box::new(source),
             })?;
+        tracing::info!(rings, bytes_per_ring, "record rings");
 
         let mut attached = Vec::new();
         for (program_name, category, tracepoints) in ATTACHMENTS {
@@ -254,14 +294,11 @@ impl Capture {
             "seeded sockets that were open before attach"
         );
 
-        let ring = RingBuf::try_from(
-            ebpf.take_map("RECORDS")
-                .ok_or_else(|| missing_map("RECORDS"))?,
-        )
-        .map_err(|source| CaptureError::Map {
-            name: "RECORDS",
-            source: Box::new(source),
-        })?;
+        let rings = RING_NAMES
+            .into_iter()
+            .take(rings as usize)
+            .map(|name| take_ring(&mut ebpf, name))
+            .collect::<Result<Vec<_>, _>>()?;
         let losses = PerCpuArray::try_from(
             ebpf.take_map("LOSSES")
                 .ok_or_else(|| missing_map("LOSSES"))?,
@@ -270,10 +307,6 @@ impl Capture {
             name: "LOSSES",
             source: Box::new(source),
         })?;
-        // SAFETY: the ring buffer owns its map fd and lives inside the AsyncFd, so the fd stays
-        // open for as long as it is registered.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
-            .map_err(|error| CaptureError::Poll(error.into()))?;
         let out_of_scope = HashMap::try_from(
             ebpf.take_map("OUT_OF_SCOPE")
                 .ok_or_else(|| missing_map("OUT_OF_SCOPE"))?,
@@ -285,7 +318,8 @@ impl Capture {
         let mut drain = tokio::time::interval(DRAIN_INTERVAL);
         drain.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         Ok(Self {
-            ring,
+            rings,
+            first_ring: 0,
             drain,
             more: false,
             batch_bytes: BytesMut::new(),
@@ -303,44 +337,44 @@ impl Capture {
         &self.attached
     }
 
-    /// Waits for records (a kernel wakeup or the drain timer) and appends every one that is
-    /// ready. Malformed records are an error for the caller to count; the rest of the batch is
-    /// still delivered.
+    /// Waits for records (a kernel wakeup of any ring, or the drain timer) and appends every
+    /// one that is ready. Malformed records are an error for the caller to count; the rest of
+    /// the batch is still delivered.
     pub async fn next_batch(
         &mut self,
         out: &mut Vec<Record>,
         bad: &mut Vec<CaptureError>,
     ) -> Result<(), CaptureError> {
-        let batch_bytes = &mut self.batch_bytes;
-        let mut drain = |ring: &mut RingBuf<MapData>| {
-            batch_bytes.reserve(BATCH_BYTES);
-            let mut taken = 0;
+        if !self.more {
+            tokio::select! {
+                woken = any_ring_woken(&mut self.rings) => woken.map_err(CaptureError::Poll)?,
+                _ = self.drain.tick() => {}
+            }
+        }
+        self.more = self.drain_rings(out, bad);
+        Ok(())
+    }
+
+    /// Reads up to [`MAX_BATCH`] records from the rings, starting with a different ring each
+    /// time; true when it stopped at the limit.
+    fn drain_rings(&mut self, out: &mut Vec<Record>, bad: &mut Vec<CaptureError>) -> bool {
+        self.batch_bytes.reserve(BATCH_BYTES);
+        let count = self.rings.len();
+        let mut taken = 0;
+        for offset in 0..count {
+            let ring = self.rings[(self.first_ring + offset) % count].get_mut();
             while taken < MAX_BATCH
                 && let Some(item) = ring.next()
             {
-                match Record::parse(&item, batch_bytes) {
+                match Record::parse(&item, &mut self.batch_bytes) {
                     Ok(record) => out.push(record),
                     Err(error) => bad.push(error),
                 }
                 taken += 1;
             }
-            taken == MAX_BATCH
-        };
-        if self.more {
-            self.more = drain(self.ring.get_mut());
-            return Ok(());
         }
-        tokio::select! {
-            ready = self.ring.readable_mut() => {
-                let mut guard = ready.map_err(CaptureError::Poll)?;
-                self.more = drain(guard.get_inner_mut());
-                if !self.more {
-                    guard.clear_ready();
-                }
-            }
-            _ = self.drain.tick() => self.more = drain(self.ring.get_mut()),
-        }
-        Ok(())
+        self.first_ring = (self.first_ring + 1) % count;
+        taken == MAX_BATCH
     }
 
     /// Stops the kernel from looking at I/O of this cgroup (it is outside `--namespaces`; has
@@ -375,6 +409,49 @@ impl Capture {
     }
 }
 
+/// Waits until the kernel has woken the reader of at least one ring. The readiness of every
+/// woken ring is cleared before the caller drains them all, so a wakeup that comes during the
+/// drain is not lost.
+fn any_ring_woken(
+    rings: &mut [AsyncFd<RingBuf<MapData>>],
+) -> impl Future<Output = std::io::Result<()>> + '_ {
+    std::future::poll_fn(move |cx| {
+        let mut woken = false;
+        for ring in rings.iter_mut() {
+            match ring.poll_read_ready_mut(cx) {
+                Poll::Ready(Ok(mut guard)) => {
+                    guard.clear_ready();
+                    woken = true;
+                }
+                Poll::Ready(Err(error)) => return Poll::Ready(Err(error)),
+                Poll::Pending => {}
+            }
+        }
+        if woken {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    })
+}
+
+/// Takes a record ring out of the object and registers it with the runtime.
+fn take_ring(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+) -> Result<AsyncFd<RingBuf<MapData>>, CaptureError> {
+    let ring = RingBuf::try_from(ebpf.take_map(name).ok_or_else(|| missing_map(name))?).map_err(
+        |source| CaptureError::Map {
+            name,
+            source: Box::new(source),
+        },
+    )?;
+    // SAFETY: the ring buffer owns its map fd and lives inside the AsyncFd, so the fd stays
+    // open for as long as it is registered.
+    unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        .map_err(|error| CaptureError::Poll(error.into()))
+}
+
 fn missing_map(name: &str) -> CaptureError {
     CaptureError::Missing {
         what: "map",
@@ -391,5 +468,28 @@ fn attach_error(
         program: program.into(),
         tracepoint: tracepoint.into(),
         source: Box::new(source),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_ring_per_cpu_up_to_the_maps_there_are() {
+        assert_eq!(ring_layout(64 << 20, 1, 4096), (1, 64 << 20));
+        assert_eq!(ring_layout(64 << 20, 2, 4096), (2, 32 << 20));
+        assert_eq!(ring_layout(64 << 20, 3, 4096), (2, 32 << 20));
+        assert_eq!(
+            ring_layout(64 << 20, 96, 4096),
+            (RING_MAPS, (64 << 20) / RING_MAPS)
+        );
+    }
+
+    #[test]
+    fn no_ring_is_smaller_than_a_page() {
+        assert_eq!(ring_layout(4096, 8, 4096), (1, 4096));
+        assert_eq!(ring_layout(8192, 8, 4096), (2, 4096));
+        assert_eq!(ring_layout(64 << 10, 8, 64 << 10), (1, 64 << 10));
     }
 }
