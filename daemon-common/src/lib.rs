@@ -15,8 +15,8 @@ pub const COPY_PIECES: usize = 3;
 /// Bytes the kernel looks at to decide whether a connection speaks RESP.
 pub const CLASSIFY_PEEK: usize = 16;
 
-/// Record rings the programs can write to (`RECORDS_0` …). The daemon uses one per CPU, up to
-/// this many; more CPUs share them.
+/// Record rings the programs can write to (`RECORDS_0` …). The daemon uses as many as there are
+/// CPUs, up to this many; processes are handed them in rotation.
 pub const RING_MAPS: u32 = 4;
 
 /// How many first chunks of an unclassified socket may fail to look like RESP before it is
@@ -217,9 +217,9 @@ pub struct ConnState {
     pub peer: PeerAddr,
     pub status: u8,
     pub misses: u8,
-    /// Which of the record rings carries this connection's records: the ring of the CPU that
-    /// classified it, so that the connection's records stay in order and processes on
-    /// different CPUs rarely write to the same ring.
+    /// Which record ring carries this connection's records: its process's, so that the
+    /// connection's records, and those of every later connection on the same fd, stay in
+    /// one ring and in order.
     pub ring: u8,
     pub _pad: u8,
 }
