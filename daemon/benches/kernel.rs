@@ -6,8 +6,9 @@
 //! syscalls as for one unpipelined Redis command. It runs without the programs and with them
 //! attached (the ring drained by this process, as the daemon does), for RESP traffic (tracked:
 //! every buffer is copied to the ring) and for HTTP-like traffic (classified as not RESP, then
-//! ignored). Two children at once show what two CPUs writing to the one ring cost each other.
-//! Rounds alternate between detached and attached; each configuration keeps its fastest round.
+//! ignored). Two children at once show what two processes writing records on two CPUs cost each
+//! other. Rounds alternate between detached and attached; each configuration keeps its fastest
+//! round.
 //! Run as root: `cargo bench -p respwatchd --bench kernel`.
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};

@@ -142,7 +142,7 @@ impl Streams {
                 tracing::warn!(
                     tgid = chunk.conn.tgid,
                     fd = chunk.conn.fd,
-                    bytes = chunk.bytes.len() as u64 + chunk.uncopied(),
+                    bytes = chunk.total_len,
                     "dropped a late chunk of an earlier connection on a reused fd"
                 );
                 return;
