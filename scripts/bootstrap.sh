@@ -4,8 +4,8 @@
 #
 # Installs: the nightly Rust toolchain with rust-src (eBPF builds need -Z build-std=core),
 # LLVM 22 and bpf-linker built against it, redis-server/redis-tools, bpftool, and the real peers
-# the tests drive (redis-py, a node client), and kubernetes-validate for the deploy/ manifests.
-# Mounts tracefs when it is missing.
+# the tests drive (redis-py, a node client, clang for the lossy-link test's tc program, ethtool),
+# and kubernetes-validate for the deploy/ manifests.
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
@@ -16,7 +16,7 @@ log() { printf '[bootstrap] %s\n' "$*" >&2; }
 
 need_root() {
   if [ "$(id -u)" -ne 0 ]; then
-    log "must run as root: it installs packages and mounts tracefs"
+    log "must run as root: it installs packages"
     exit 1
   fi
 }
@@ -56,7 +56,8 @@ ensure_bpf_linker() {
 }
 
 ensure_peers() {
-  apt_install redis-server redis-tools bpftool strace iproute2 netcat-openbsd python3-venv openssl
+  apt_install redis-server redis-tools bpftool strace iproute2 netcat-openbsd python3-venv openssl \
+    ethtool "clang-${LLVM_MAJOR}" linux-libc-dev
   # Debian starts a redis-server on 6379 when the package is installed; tests start their own on
   # free ports, and an extra server would only add noise to captures.
   if command -v systemctl >/dev/null && systemctl is-active --quiet redis-server 2>/dev/null; then
@@ -101,16 +102,8 @@ ensure_deploy_peers() {
   fi
 }
 
-ensure_tracefs() {
-  if ! mountpoint -q /sys/kernel/tracing; then
-    log "mounting tracefs at /sys/kernel/tracing"
-    mount -t tracefs tracefs /sys/kernel/tracing
-  fi
-}
-
 need_root
 ensure_rust
-ensure_tracefs
 ensure_peers
 ensure_api_peers
 ensure_deploy_peers

@@ -1,91 +1,80 @@
-//! Syscall tracepoints that find RESP connections and copy their bytes to user space.
+//! Packet-layer capture: `cgroup_skb` programs on the cgroup v2 root see every TCP packet of
+//! every process; a `sockops` program learns who owns each connection and where its streams
+//! start and end. No syscall tracepoint is involved, so processes that do no TCP pay nothing.
 //!
-//! Entry programs save each syscall's arguments per thread; exit programs know how many bytes
-//! really moved, classify unknown (tgid, fd) pairs by the first bytes, and emit one record per
-//! buffer (per iovec for the vector calls) of tracked connections. Everything that cannot be
-//! delivered is counted in `LOSSES`, and lost bytes are reported as a gap on the next record of
-//! the same connection and direction, so user space knows exactly where its stream has a hole.
+//! Per socket, state lives in socket-local storage (freed with the socket; cloned from a
+//! listener to the sockets it accepts). A connection whose request stream starts like RESP is
+//! tracked: its payload is copied whole to a record ring with the stream offset of its first
+//! byte (TCP sequence number minus the initial one), so user space orders, de-duplicates and
+//! finds holes exactly. One that is not RESP is ignored for good: its later packets cost a
+//! storage lookup. Every path returns 1: a packet is never dropped or delayed, whatever fails;
+//! what could not be delivered is counted in `LOSSES`.
 //!
-//! Needs: syscall tracepoints, BPF ring buffers (Linux 5.8), `bpf_get_current_cgroup_id` (4.18).
+//! Needs (minimum kernel 5.10): cgroup v2, `cgroup_skb` and `sockops` programs, BPF ring
+//! buffers (5.8), socket-local storage with `BPF_F_CLONE` (5.4), `bpf_sock_ops.sk` (5.10),
+//! `bpf_get_current_pid_tgid` and `bpf_get_current_comm` in `sockops` (callable there on the
+//! kernels this was tested on).
 #![no_std]
 #![no_main]
 
+use core::{ffi::c_void, ptr};
+
 use aya_ebpf::{
-    EbpfContext,
-    bindings::{BPF_NOEXIST, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_ktime_get_ns, bpf_probe_read_user, bpf_probe_read_user_buf,
+    bindings::{
+        __sk_buff, BPF_F_CLONE, BPF_F_NO_PREALLOC, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP,
+        BPF_SK_STORAGE_GET_F_CREATE, BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB, bpf_map_type, bpf_sock, bpf_sock_ops,
     },
-    macros::{map, tracepoint},
-    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
-    programs::TracePointContext,
+    helpers::{
+        bpf_get_current_comm, bpf_get_current_pid_tgid, bpf_ktime_get_ns,
+        generated::{
+            bpf_get_smp_processor_id, bpf_get_socket_cookie, bpf_sk_fullsock, bpf_sk_storage_get,
+            bpf_skb_cgroup_id, bpf_skb_load_bytes,
+        },
+    },
+    macros::{cgroup_skb, map, sock_ops},
+    maps::{HashMap, LruHashMap, PerCpuArray, RingBuf, ring_buf::RingBufEntry},
+    programs::{SkBuffContext, SockOpsContext},
 };
 use respwatch_common::{
-    CLASSIFY_MISS_LIMIT, CLASSIFY_PEEK, COPY_PIECES, ConnKey, ConnState, DATA_WINDOW, Direction,
-    LOSS_REASONS, LossReason, MAX_IOVECS, PeerAddr, PendingIo, RING_MAPS, RecordHeader, Syscall,
-    conn_status, looks_like_resp, record_flags, record_kind,
+    CLASSIFY_PEEK, CloseRecord, DATA_PIECE, DataHeader, Direction, FAMILY_IPV4, FAMILY_IPV6,
+    LossReason, MAX_PIECES, MID_STREAM_PROBE_BYTES, OpenRecord, RING_MAPS, Verdict, close_flags,
+    data_flags, kernel_counter, mid_stream_head, open_flags, record_kind, reply_head, request_head,
 };
 
-/// Offsets in the `syscalls:sys_enter_*` / `sys_exit_*` tracepoint records (see their
-/// `format` files): the first argument, then one u64 per argument; the return value on exit.
-const ARG0: usize = 16;
-const ARG1: usize = 24;
-const ARG2: usize = 32;
-const RET: usize = 16;
+// ---- configuration the loader sets ---------------------------------------------------------
 
-/// The daemon's own process: its gRPC and metrics traffic must not watch itself.
+/// The daemon's own process: sockets it connects or listens on are ignored from the start.
 #[unsafe(no_mangle)]
 static SELF_TGID: u32 = 0;
 
-/// Each CPU wakes the reader once it has written this many bytes since its last wakeup (the
-/// daemon sets it from the ring size and CPU count); below that, the reader drains on a short
-/// timer. A wakeup per record costs an IRQ work item and a context switch for every syscall
-/// traced, the largest overhead there was. Counted per CPU rather than by asking the ring how
-/// much is waiting: that query reads positions other CPUs keep writing, and a reader that fell
-/// behind would be woken on every record.
+/// How many record rings are in use (one per CPU, up to [`RING_MAPS`]).
+#[unsafe(no_mangle)]
+static RINGS: u32 = 1;
+
+/// Each CPU wakes the reader once it has written this many bytes since its last wakeup; below
+/// that the reader drains on a short timer. A wakeup per record costs an IRQ work item and a
+/// context switch per packet.
 #[unsafe(no_mangle)]
 static WAKEUP_BYTES_PER_CPU: u64 = 0;
 
-/// A connection's first record wakes the reader at once: user space reads the process's
-/// `/proc` entries then, and a short-lived client may be gone 10 ms later.
-fn wakeup_flag(scratch: &mut Scratch, size: usize, first: bool) -> u64 {
-    // SAFETY: a global the loader sets before the programs run; read-only afterwards.
-    let threshold = unsafe { core::ptr::read_volatile(&WAKEUP_BYTES_PER_CPU) };
-    scratch.unwoken_bytes += size as u64;
-    if first || scratch.unwoken_bytes >= threshold {
-        scratch.unwoken_bytes = 0;
-        BPF_RB_FORCE_WAKEUP as u64
-    } else {
-        BPF_RB_NO_WAKEUP as u64
-    }
-}
-
-/// Non-zero when the daemon observes only some namespaces (`--namespaces`): then I/O in the
-/// cgroups of [`OUT_OF_SCOPE`] is not looked at.
+/// Non-zero when the daemon observes only some namespaces (`--namespaces`): sockets in the
+/// cgroups of [`OUT_OF_SCOPE`] are then ignored.
 #[unsafe(no_mangle)]
 static SCOPED: u8 = 0;
 
-/// Cgroups (v2 ids) that user space found to be outside `--namespaces` (host processes, pods of
-/// other namespaces). Their syscalls cost one extra lookup and produce no records.
-#[map]
-static OUT_OF_SCOPE: HashMap<u64, u8> = HashMap::with_max_entries(16384, 0);
-
-fn out_of_scope() -> bool {
-    // SAFETY: a global the loader sets before the programs run; read-only afterwards.
-    if unsafe { core::ptr::read_volatile(&SCOPED) } == 0 {
-        return false;
-    }
-    // SAFETY: plain helper call, then a read-only map lookup.
-    unsafe { OUT_OF_SCOPE.get(&bpf_get_current_cgroup_id()).is_some() }
+fn config<T: Copy>(value: &T) -> T {
+    // SAFETY: a global the loader sets before the programs run; volatile so that it is not
+    // folded to its compile-time value.
+    unsafe { ptr::read_volatile(value) }
 }
 
-/// Records to user space, in up to [`RING_MAPS`] rings. One ring that every CPU writes to
-/// costs each record a contended lock and cache-line transfers: with redis-server and its
-/// client on two CPUs, the exit program took 90–150 ns longer per record than with a ring
-/// each. Each process writes to one ring, so a process's records (and every generation of a
-/// reused fd) stay in order. The daemon sets the sizes and [`RINGS`] (how many are used) at
-/// load time.
+// ---- maps ----------------------------------------------------------------------------------
+
+/// Records to user space. Each CPU writes to its own ring (`cpu % RINGS`): a ring shared by
+/// two CPUs costs every record a contended lock. Order across rings is restored by user space
+/// from timestamps, and within a stream from sequence numbers.
 #[map]
 static RECORDS_0: RingBuf = RingBuf::with_byte_size(4096, 0);
 #[map]
@@ -95,135 +84,131 @@ static RECORDS_2: RingBuf = RingBuf::with_byte_size(4096, 0);
 #[map]
 static RECORDS_3: RingBuf = RingBuf::with_byte_size(4096, 0);
 
-/// How many of the rings are in use (one per CPU, up to [`RING_MAPS`]); set by the loader.
-#[unsafe(no_mangle)]
-static RINGS: u32 = 1;
-
-/// Each process's ring, chosen when its first connection is classified.
+/// Open and close records ride a ring of their own, shared by all CPUs (a few records per
+/// connection): a burst of data that fills the data rings can never cost a connection its owner
+/// or its end, so per-connection loss accounting stays exact however much data is lost.
 #[map]
-static PROCESS_RINGS: HashMap<u32, u8> = HashMap::with_max_entries(65536, 0);
+static CONTROL: RingBuf = RingBuf::with_byte_size(4096, 0);
 
-/// The turn counter that hands out rings to new processes in rotation, so that two busy
-/// processes started one after the other (a server and its client) do not share a ring. Not
-/// atomic: two CPUs racing may hand out the same ring twice, which costs only contention.
+/// Per-CPU counters: [`LossReason`]s, then [`kernel_counter`]s.
 #[map]
-static RING_TURN: Array<u32> = Array::with_max_entries(1, 0);
+static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(kernel_counter::COUNT, 0);
 
-/// The process's ring, or the next one in rotation for a process seen for the first time.
-fn ring_of_process(tgid: u32) -> u8 {
-    // SAFETY: read-only look at a map value.
-    if let Some(ring) = unsafe { PROCESS_RINGS.get(&tgid) } {
-        return *ring;
+/// Bytes each CPU wrote to its ring since it last woke the reader.
+#[map]
+static UNWOKEN: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Cgroups (v2 ids) user space found outside `--namespaces` (host processes, pods of other
+/// namespaces): their sockets are ignored.
+#[map]
+static OUT_OF_SCOPE: HashMap<u64, u8> = HashMap::with_max_entries(16384, 0);
+
+/// Connections joined mid-stream that the daemon's decoder found not to be RESP after all
+/// (chance bytes of another protocol looked like a message start): ignored from their next
+/// packet on. Only connections of unknown start are looked up here.
+#[map]
+static UNTRACK: LruHashMap<u64, u8> = LruHashMap::with_max_entries(4096, 0);
+
+/// Close records that did not fit in a ring, by socket cookie; user space polls and empties it.
+#[map]
+static LATE_CLOSES: HashMap<u64, CloseRecord> = HashMap::with_max_entries(16384, 0);
+
+/// A socket-local storage map whose values are copied to the sockets a listener accepts
+/// (`BPF_F_CLONE`), which aya-ebpf's `SkStorage` cannot ask for. The layout is libbpf's BTF map
+/// definition: each field's pointee array length carries one attribute.
+#[repr(C)]
+struct SockStorage {
+    r#type: *const [i32; bpf_map_type::BPF_MAP_TYPE_SK_STORAGE as usize],
+    key: *const i32,
+    value: *const SockState,
+    max_entries: *const [i32; 0],
+    map_flags: *const [i32; (BPF_F_NO_PREALLOC | BPF_F_CLONE) as usize],
+}
+
+// SAFETY: the fields are placeholders the loader reads from BTF; never dereferenced.
+unsafe impl Sync for SockStorage {}
+
+#[unsafe(link_section = ".maps")]
+#[unsafe(export_name = "SOCKS")]
+static SOCKS: SockStorage = SockStorage {
+    r#type: ptr::null(),
+    key: ptr::null(),
+    value: ptr::null(),
+    max_entries: ptr::null(),
+    map_flags: ptr::null(),
+};
+
+// ---- per-socket state ------------------------------------------------------------------------
+
+/// `SockState::status`.
+const UNCLASSIFIED: u8 = 0;
+const TRACKED: u8 = 1;
+const IGNORED: u8 = 2;
+
+/// `SockState::flags`.
+const KNOWN_START: u8 = 1;
+const CLIENT: u8 = 2;
+const SERVER: u8 = 4;
+const BASE_INGRESS: u8 = 8;
+const BASE_EGRESS: u8 = 16;
+const OPEN_SENT: u8 = 32;
+const REPLY_CHECKED: u8 = 64;
+const CLOSED: u8 = 128;
+
+/// `SockState::fins`: FIN seen per direction. A connection ends when both ends sent theirs, or
+/// at a reset. (A socket-state callback would also see sockets torn down without a packet, but
+/// it runs for every state change of every TCP socket on the node; the daemon ends those
+/// connections when their process is gone.)
+const FIN_INGRESS: u8 = 1;
+const FIN_EGRESS: u8 = 2;
+
+#[repr(C)]
+struct SockState {
+    /// Sequence number of stream offset 0 per [`Direction`] (valid with the BASE_* flags).
+    base: [u32; 2],
+    /// End offset of the furthest byte seen per direction: the stream length at close.
+    high: [u32; 2],
+    /// Payload bytes seen while undecided (connections of unknown start).
+    probed: u32,
+    /// The owner: the process that connected, or that listened (copied to accepted sockets).
+    tgid: u32,
+    comm: [u8; 16],
+    /// The first bytes of the request stream, collected until they decide; twice the peek so
+    /// that a variable write position stays provably inside.
+    head: [u8; 2 * CLASSIFY_PEEK],
+    status: u8,
+    flags: u8,
+    fins: u8,
+    head_len: u8,
+}
+
+fn base_flag(dir: Direction) -> u8 {
+    match dir {
+        Direction::Ingress => BASE_INGRESS,
+        Direction::Egress => BASE_EGRESS,
     }
-    // SAFETY: a global the loader sets before the programs run; read-only afterwards.
-    let rings = unsafe { core::ptr::read_volatile(&RINGS) }.clamp(1, RING_MAPS);
-    let turn = match RING_TURN.get_ptr_mut(0) {
-        // SAFETY: map value pointer, valid for this program run.
-        Some(turn) => unsafe {
-            let current = *turn;
-            *turn = current.wrapping_add(1);
-            current
-        },
-        None => tgid,
+}
+
+/// The socket's state, created zeroed (unclassified, owner and start unknown) if asked.
+fn storage(sk: *mut bpf_sock, create: bool) -> Option<&'static mut SockState> {
+    let flags = if create {
+        u64::from(BPF_SK_STORAGE_GET_F_CREATE)
+    } else {
+        0
     };
-    let ring = (turn % rings) as u8;
-    if PROCESS_RINGS
-        .insert(&tgid, &ring, u64::from(BPF_NOEXIST))
-        .is_ok()
-    {
-        return ring;
+    // SAFETY: `sk` is a socket pointer the verifier knows to be non-null; the map is the
+    // socket-storage map above.
+    let state = unsafe {
+        bpf_sk_storage_get(
+            ptr::addr_of!(SOCKS).cast_mut().cast(),
+            sk.cast(),
+            ptr::null_mut(),
+            flags,
+        )
     }
-    // Another CPU chose first (use its choice), or the map is full: then a ring that depends
-    // only on the process, so the process still writes to one ring.
-    // SAFETY: read-only look at a map value.
-    unsafe { PROCESS_RINGS.get(&tgid) }
-        .copied()
-        .unwrap_or((tgid % rings) as u8)
-}
-
-/// Writes a record to the connection's ring.
-#[inline(always)]
-fn output<T: ?Sized>(ring: u8, record: &T, flags: u64) -> bool {
-    match ring {
-        0 => RECORDS_0.output::<T>(record, flags),
-        1 => RECORDS_1.output::<T>(record, flags),
-        2 => RECORDS_2.output::<T>(record, flags),
-        _ => RECORDS_3.output::<T>(record, flags),
-    }
-    .is_ok()
-}
-
-#[map]
-static CONNS: LruHashMap<ConnKey, ConnState> = LruHashMap::with_max_entries(131072, 0);
-
-/// Syscalls in flight on fds that are not known to be ignored, keyed by pid_tgid. A plain hash,
-/// not an LRU: an LRU may evict another thread's entry mid-syscall, losing its bytes silently;
-/// a full hash fails the insert, which is counted. A thread's entry is rewritten in place and
-/// marked done at syscall exit rather than inserted and deleted per syscall (that allocation
-/// and free was a fifth of the programs' time); it is removed when the thread exits. So the
-/// table holds one entry per live thread that has touched a socket, up to 65536.
-#[map]
-static INFLIGHT: HashMap<u64, PendingIo> = HashMap::with_max_entries(65536, 0);
-
-/// Saves a thread's syscall arguments in its `INFLIGHT` slot, creating the slot on first use.
-fn remember(pid_tgid: u64, pending: PendingIo) {
-    match INFLIGHT.get_ptr_mut(pid_tgid) {
-        // SAFETY: map value pointer, valid for this program run; only this thread writes it.
-        Some(slot) => unsafe { *slot = pending },
-        None => {
-            if INFLIGHT.insert(pid_tgid, pending, 0).is_err() {
-                count_loss(LossReason::InflightFull);
-            }
-        }
-    }
-}
-
-/// Takes the arguments the thread's syscall entry saved, leaving its slot marked done so that
-/// an exit without a traced entry finds nothing.
-fn take_pending(pid_tgid: u64) -> Option<PendingIo> {
-    let slot = INFLIGHT.get_ptr_mut(pid_tgid)?;
-    // SAFETY: map value pointer, valid for this program run; only this thread writes it.
-    unsafe {
-        let pending = *slot;
-        if pending.syscall == PendingIo::DONE {
-            return None;
-        }
-        (*slot).syscall = PendingIo::DONE;
-        Some(pending)
-    }
-}
-
-#[map]
-static LOSSES: PerCpuArray<u64> = PerCpuArray::with_max_entries(LOSS_REASONS, 0);
-
-/// A record is assembled here (header, then copied bytes) and output with its exact size.
-#[repr(C)]
-struct Scratch {
-    header: RecordHeader,
-    data: [u8; DATA_WINDOW],
-    /// Bytes this CPU wrote to the ring since it last woke the reader.
-    unwoken_bytes: u64,
-}
-
-#[map]
-static SCRATCH: PerCpuArray<Scratch> = PerCpuArray::with_max_entries(1, 0);
-
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct IoVec {
-    base: u64,
-    len: u64,
-}
-
-/// The part of `struct user_msghdr` that locates its iovecs (x86_64/arm64 layout).
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct MsgHdr {
-    name: u64,
-    namelen: u32,
-    _pad: u32,
-    iov: u64,
-    iovlen: u64,
+    .cast::<SockState>();
+    // SAFETY: storage memory lives as long as the socket, beyond this program run.
+    unsafe { state.as_mut() }
 }
 
 #[panic_handler]
@@ -232,518 +217,722 @@ fn panic(_info: &core::panic::PanicInfo) -> ! {
     unsafe { core::hint::unreachable_unchecked() }
 }
 
-fn count_loss(reason: LossReason) {
-    if let Some(counter) = LOSSES.get_ptr_mut(reason as u32) {
+fn count(index: u32, amount: u64) {
+    if let Some(counter) = COUNTERS.get_ptr_mut(index) {
         // SAFETY: per-CPU slot, only this CPU writes it.
-        unsafe { *counter += 1 };
+        unsafe { *counter += amount };
     }
 }
 
-fn self_tgid() -> u32 {
-    // SAFETY: a global the loader patches before load; volatile so it is not const-folded.
-    unsafe { core::ptr::read_volatile(&SELF_TGID) }
+fn count_loss(reason: LossReason) {
+    count(reason as u32, 1);
 }
 
-/// A u64 field of the tracepoint record, loaded directly: the verifier checks the offset
-/// against the record, and a probe-read helper call per field cost more than the rest of the
-/// entry program.
-fn record_field(ctx: &TracePointContext, offset: usize) -> u64 {
-    // SAFETY: `offset` is one of the 8-byte-aligned field offsets above, inside every record
-    // these programs attach to (the verifier rejects the program otherwise).
-    unsafe { core::ptr::read(ctx.as_ptr().cast::<u8>().add(offset).cast::<u64>()) }
+fn now() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_ns() }
 }
 
-fn conn_key(tgid: u32, fd: i32) -> ConnKey {
-    ConnKey { tgid, fd }
+// ---- ring output -----------------------------------------------------------------------------
+
+fn ring() -> u32 {
+    // SAFETY: plain helper call.
+    let cpu = unsafe { bpf_get_smp_processor_id() };
+    cpu % config(&RINGS).clamp(1, RING_MAPS)
 }
 
-// ---- entry: remember the arguments -------------------------------------------------------
-
-fn on_enter(ctx: &TracePointContext, syscall: Syscall) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let tgid = (pid_tgid >> 32) as u32;
-    if tgid == self_tgid() {
-        return 0;
-    }
-    let (fd, ptr, len) = (
-        record_field(ctx, ARG0) as i32,
-        record_field(ctx, ARG1),
-        record_field(ctx, ARG2),
-    );
-    if fd < 0 {
-        return 0;
-    }
-    // The common case on a busy node: I/O on a file, a pipe, or a socket known not to be RESP.
-    // SAFETY: read-only look at a map value.
-    match unsafe { CONNS.get(conn_key(tgid, fd)) } {
-        Some(state) if state.status == conn_status::IGNORED => return 0,
-        Some(_) => {}
-        // Not a socket the daemon knows of: only the socket-only calls prove it is one.
-        None if !syscall.socket_only() => return 0,
-        None => {}
-    }
-    if out_of_scope() {
-        return 0;
-    }
-    let pending = PendingIo {
-        ptr,
-        len,
-        fd,
-        syscall: syscall as u8,
-        _pad: [0; 3],
+/// Ring flags for a record of `size` bytes: wake the reader once this CPU has written
+/// `WAKEUP_BYTES_PER_CPU` bytes since it last did.
+fn wakeup(size: u64) -> u64 {
+    let Some(unwoken) = UNWOKEN.get_ptr_mut(0) else {
+        return u64::from(BPF_RB_FORCE_WAKEUP);
     };
-    remember(pid_tgid, pending);
-    0
-}
-
-// ---- exit: classify, copy, emit ----------------------------------------------------------
-
-fn on_exit(ctx: &TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let Some(pending) = take_pending(pid_tgid) else {
-        return 0;
-    };
-    let ret = record_field(ctx, RET) as i64;
-    if ret <= 0 {
-        return 0;
-    }
-    let Some(syscall) = Syscall::from_u8(pending.syscall) else {
-        return 0;
-    };
-    let moved = ret as u64;
-    let tgid = (pid_tgid >> 32) as u32;
-    let key = conn_key(tgid, pending.fd);
-
-    let (first_ptr, first_len, iov_ptr, iov_count) = match locate_buffers(syscall, &pending) {
-        Some(found) => found,
-        None => return 0,
-    };
-
-    let mut flags = 0u8;
-    let state = match CONNS.get_ptr_mut(key) {
-        // SAFETY: map value pointer, valid for this program run.
-        Some(state) if unsafe { (*state).status } == conn_status::TRACKED => state,
-        Some(state) if unsafe { (*state).status } == conn_status::IGNORED => return 0,
-        known => {
-            if !classify(first_ptr, first_len.min(moved)) {
-                match known {
-                    // SAFETY: as above.
-                    Some(state) => unsafe {
-                        (*state).misses = (*state).misses.saturating_add(1);
-                        if (*state).misses >= CLASSIFY_MISS_LIMIT {
-                            (*state).status = conn_status::IGNORED;
-                        }
-                    },
-                    None => {
-                        let _ = CONNS.insert(key, ConnState::probing(1, PeerAddr::UNKNOWN), 0);
-                    }
-                }
-                return 0;
-            }
-            // SAFETY: a map value read, then a plain helper call.
-            let peer = known
-                .map(|state| unsafe { (*state).peer })
-                .unwrap_or(PeerAddr::UNKNOWN);
-            let tracked = ConnState {
-                // SAFETY: plain helper call.
-                start_ns: unsafe { bpf_ktime_get_ns() },
-                gap: [0; 2],
-                peer,
-                status: conn_status::TRACKED,
-                misses: 0,
-                ring: ring_of_process(tgid),
-                _pad: 0,
-            };
-            if CONNS.insert(key, tracked, 0).is_err() {
-                return 0;
-            }
-            flags |= record_flags::FIRST;
-            match CONNS.get_ptr_mut(key) {
-                Some(state) => state,
-                None => return 0,
-            }
-        }
-    };
-
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
-        return 0;
-    };
-    // SAFETY: per-CPU scratch slot and a map value pointer, both valid for this run.
-    let (scratch, state) = unsafe { (&mut *scratch, &mut *state) };
-    let direction = syscall.direction();
-    fill_header(&mut scratch.header, syscall, pending.fd, state, flags);
-
-    match iov_ptr {
-        None => emit_chunk(scratch, state, direction, first_ptr, moved),
-        Some(iov) => emit_iovecs(scratch, state, direction, iov, iov_count, moved),
-    }
-    0
-}
-
-/// Where the bytes are: the first buffer (for classification) and, for vector calls, the iovec
-/// array and its length.
-fn locate_buffers(syscall: Syscall, pending: &PendingIo) -> Option<(u64, u64, Option<u64>, u64)> {
-    let (iov, count) = match syscall {
-        Syscall::Read | Syscall::Write | Syscall::Recvfrom | Syscall::Sendto => {
-            return Some((pending.ptr, pending.len, None, 0));
-        }
-        Syscall::Readv | Syscall::Writev => (pending.ptr, pending.len),
-        Syscall::Accept => return None,
-        Syscall::Recvmsg | Syscall::Sendmsg => {
-            // SAFETY: reads user memory through the checked helper.
-            let msg = unsafe { bpf_probe_read_user(pending.ptr as *const MsgHdr) }.ok()?;
-            (msg.iov, msg.iovlen)
-        }
-    };
-    if count == 0 {
-        return None;
-    }
-    // SAFETY: as above.
-    let first = unsafe { bpf_probe_read_user(iov as *const IoVec) }.ok()?;
-    Some((first.base, first.len, Some(iov), count))
-}
-
-fn classify(ptr: u64, len: u64) -> bool {
-    let mut peek = [0u8; CLASSIFY_PEEK];
-    let n = if len < CLASSIFY_PEEK as u64 {
-        len as usize
-    } else {
-        CLASSIFY_PEEK
-    };
-    // SAFETY: reads user memory through the checked helper.
-    if unsafe { bpf_probe_read_user_buf(ptr as *const u8, &mut peek) }.is_err() {
-        // A short buffer at the end of a page can fault on the full peek: retry exactly.
-        let Some(exact) = peek.get_mut(..n) else {
-            return false;
-        };
-        // SAFETY: as above.
-        if unsafe { bpf_probe_read_user_buf(ptr as *const u8, exact) }.is_err() {
-            return false;
-        }
-    }
-    looks_like_resp(&peek, n)
-}
-
-fn fill_header(header: &mut RecordHeader, syscall: Syscall, fd: i32, state: &ConnState, flags: u8) {
-    // SAFETY: plain helper calls.
+    // SAFETY: per-CPU slot, only this CPU writes it.
     unsafe {
-        header.ts_ns = bpf_ktime_get_ns();
-        header.cgroup_id = bpf_get_current_cgroup_id();
+        *unwoken += size;
+        if *unwoken >= config(&WAKEUP_BYTES_PER_CPU) {
+            *unwoken = 0;
+            u64::from(BPF_RB_FORCE_WAKEUP)
+        } else {
+            u64::from(BPF_RB_NO_WAKEUP)
+        }
     }
-    header.conn_start_ns = state.start_ns;
-    header.peer = state.peer;
-    let pid_tgid = bpf_get_current_pid_tgid();
-    header.tgid = (pid_tgid >> 32) as u32;
-    header.tid = pid_tgid as u32;
-    header.fd = fd;
-    header.kind = record_kind::DATA;
-    header.syscall = syscall as u8;
-    header.direction = syscall.direction() as u8;
-    header.flags = flags;
-    header.comm = bpf_get_current_comm().unwrap_or([0; 16]);
 }
 
-fn emit_iovecs(
-    scratch: &mut Scratch,
-    state: &mut ConnState,
-    direction: Direction,
-    iov: u64,
-    count: u64,
-    moved: u64,
-) {
-    let mut remaining = moved;
-    let mut index = 0u32;
-    while index < MAX_IOVECS {
-        if remaining == 0 || index as u64 >= count {
-            return;
-        }
-        let entry = iov + index as u64 * core::mem::size_of::<IoVec>() as u64;
-        // SAFETY: reads user memory through the checked helper.
-        let Ok(vec) = (unsafe { bpf_probe_read_user(entry as *const IoVec) }) else {
-            break;
-        };
-        let len = if vec.len < remaining {
-            vec.len
-        } else {
-            remaining
-        };
-        if len > 0 {
-            emit_chunk(scratch, state, direction, vec.base, len);
-        }
-        remaining -= len;
-        index += 1;
+#[inline(always)]
+fn reserve<T: 'static>(ring: u32) -> Option<RingBufEntry<T>> {
+    match ring {
+        0 => RECORDS_0.reserve::<T>(0),
+        1 => RECORDS_1.reserve::<T>(0),
+        2 => RECORDS_2.reserve::<T>(0),
+        _ => RECORDS_3.reserve::<T>(0),
     }
-    if remaining > 0 {
-        // More iovecs than are copied one by one (or an unreadable one): their bytes are real,
-        // so report them, uncopied, to keep the stream's length exact.
-        send(
-            scratch,
-            state,
-            direction,
-            remaining,
-            0,
-            record_flags::COPY_FAILED,
+}
+
+/// Writes an open or close record to the control ring.
+#[inline(always)]
+fn output_control<T: Copy + 'static>(record: &T) -> bool {
+    let Some(mut entry) = CONTROL.reserve::<T>(0) else {
+        return false;
+    };
+    entry.write(*record);
+    entry.submit(wakeup(size_of::<T>() as u64));
+    true
+}
+
+#[repr(C)]
+struct DataRecord<const N: usize> {
+    header: DataHeader,
+    payload: [u8; N],
+}
+
+/// Copies `copy` payload bytes (1 ≤ copy ≤ N) at `offset` of the packet into a record with
+/// room for N. Room is reserved in fixed sizes because the ring only reserves constant sizes.
+#[inline(always)]
+fn data_record<const N: usize>(skb: *mut __sk_buff, header: &DataHeader, offset: u32) -> bool {
+    let Some(mut entry) = reserve::<DataRecord<N>>(ring()) else {
+        return false;
+    };
+    let record = entry.as_mut_ptr();
+    // Provably 1..=N for the verifier; equal to `copy` for the callers' 1 ≤ copy ≤ N.
+    let len = ((header.copied.wrapping_sub(1)) & (N as u32 - 1)) + 1;
+    // SAFETY: `record` is the reserved entry, N bytes of payload room after the header.
+    unsafe {
+        (*record).header = *header;
+        let loaded = bpf_skb_load_bytes(
+            skb.cast(),
+            offset,
+            ptr::addr_of_mut!((*record).payload).cast(),
+            len,
         );
+        if loaded != 0 {
+            (*record).header.copied = 0;
+        }
+    }
+    entry.submit(wakeup((size_of::<DataHeader>() + N) as u64));
+    true
+}
+
+/// Sends `header` with `header.copied` bytes of payload from `offset`, in the smallest room
+/// class that holds them.
+#[inline(always)]
+fn send_data(skb: *mut __sk_buff, header: &DataHeader, offset: u32) -> bool {
+    match header.copied {
+        0..=64 => data_record::<64>(skb, header, offset),
+        65..=128 => data_record::<128>(skb, header, offset),
+        129..=256 => data_record::<256>(skb, header, offset),
+        257..=512 => data_record::<512>(skb, header, offset),
+        513..=1024 => data_record::<1024>(skb, header, offset),
+        1025..=2048 => data_record::<2048>(skb, header, offset),
+        2049..=4096 => data_record::<4096>(skb, header, offset),
+        4097..=8192 => data_record::<8192>(skb, header, offset),
+        _ => data_record::<16384>(skb, header, offset),
     }
 }
 
-/// Copies a buffer in up to [`COPY_PIECES`] records of [`DATA_WINDOW`] bytes; the last record
-/// also counts the bytes past the copied ones.
-fn emit_chunk(
-    scratch: &mut Scratch,
-    state: &mut ConnState,
-    direction: Direction,
-    ptr: u64,
-    len: u64,
-) {
-    let mut offset = 0u64;
-    let mut piece = 0usize;
-    while piece < COPY_PIECES {
-        let rest = len - offset;
-        let window = if rest < DATA_WINDOW as u64 {
-            rest as usize
-        } else {
-            DATA_WINDOW
+/// The head bytes collected in socket storage, sent as the stream's first record.
+fn send_head(state: &SockState, cookie: u64, dir: Direction, ts_ns: u64) -> bool {
+    let Some(mut entry) = reserve::<DataRecord<CLASSIFY_PEEK>>(ring()) else {
+        return false;
+    };
+    let record = entry.as_mut_ptr();
+    let len = u32::from(state.head_len);
+    // SAFETY: `record` is the reserved entry.
+    unsafe {
+        (*record).header = DataHeader {
+            kind: record_kind::DATA,
+            direction: dir as u8,
+            flags: data_flags::PACKET_START,
+            _pad: 0,
+            len,
+            cookie,
+            ts_ns,
+            seq: 0,
+            copied: len,
         };
-        let last = piece + 1 == COPY_PIECES || rest <= DATA_WINDOW as u64;
-        let total = if last { rest } else { window as u64 };
-        let copied = match scratch.data.get_mut(..window) {
-            // SAFETY: reads user memory through the checked helper.
-            Some(dst) => {
-                unsafe { bpf_probe_read_user_buf((ptr + offset) as *const u8, dst) }.is_ok()
-            }
-            None => false,
-        };
-        if copied {
-            send(scratch, state, direction, total, window, 0);
-        } else {
-            count_loss(LossReason::CopyFailed);
-            send(
-                scratch,
-                state,
-                direction,
-                total,
-                0,
-                record_flags::COPY_FAILED,
-            );
+        let mut i = 0;
+        while i < CLASSIFY_PEEK {
+            (*record).payload[i] = state.head[i];
+            i += 1;
         }
-        scratch.header.flags &= !record_flags::FIRST;
-        if last {
+    }
+    entry.submit(wakeup((size_of::<DataHeader>() + CLASSIFY_PEEK) as u64));
+    true
+}
+
+// ---- packets ---------------------------------------------------------------------------------
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const IPPROTO_TCP: u8 = 6;
+const TCP_FIN: u8 = 0x01;
+const TCP_RST: u8 = 0x04;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv4Header {
+    version_ihl: u8,
+    tos: u8,
+    total_len: u16,
+    id: u16,
+    frag: u16,
+    ttl: u8,
+    protocol: u8,
+    check: u16,
+    src: [u8; 4],
+    dst: [u8; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct Ipv6Header {
+    version_class_flow: u32,
+    payload_len: u16,
+    next_header: u8,
+    hop_limit: u8,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TcpHeader {
+    src_port: u16,
+    dst_port: u16,
+    seq: u32,
+    ack: u32,
+    offset_reserved: u8,
+    flags: u8,
+    window: u16,
+    check: u16,
+    urgent: u16,
+}
+
+/// What the cgroup hook needs of a TCP packet.
+struct Packet {
+    seq: u32,
+    payload_offset: u32,
+    payload_len: u32,
+    tcp_flags: u8,
+    family: u8,
+    src_port: u16,
+    dst_port: u16,
+    src: [u8; 16],
+    dst: [u8; 16],
+}
+
+fn load<T: Copy>(skb: *mut __sk_buff, offset: u32) -> Option<T> {
+    let mut value = core::mem::MaybeUninit::<T>::uninit();
+    // SAFETY: the helper writes exactly size_of::<T>() bytes or fails.
+    let ret = unsafe {
+        bpf_skb_load_bytes(
+            skb.cast(),
+            offset,
+            value.as_mut_ptr().cast(),
+            size_of::<T>() as u32,
+        )
+    };
+    // SAFETY: initialised by the successful helper call.
+    (ret == 0).then(|| unsafe { value.assume_init() })
+}
+
+/// Parses the IP and TCP headers (the packet starts at the network header in cgroup hooks).
+/// `None` for anything but TCP over IPv4 or IPv6 without extension headers.
+fn parse(skb: *mut __sk_buff) -> Option<Packet> {
+    // SAFETY: context fields the verifier allows cgroup_skb programs to read.
+    let (protocol, len) = unsafe { (u16::from_be((*skb).protocol as u16), (*skb).len) };
+    let (ip_len, family, src, dst) = match protocol {
+        ETH_P_IP => {
+            let ip: Ipv4Header = load(skb, 0)?;
+            if ip.protocol != IPPROTO_TCP {
+                return None;
+            }
+            let mut src = [0u8; 16];
+            let mut dst = [0u8; 16];
+            src[..4].copy_from_slice(&ip.src);
+            dst[..4].copy_from_slice(&ip.dst);
+            (u32::from(ip.version_ihl & 0x0f) * 4, FAMILY_IPV4, src, dst)
+        }
+        ETH_P_IPV6 => {
+            let ip: Ipv6Header = load(skb, 0)?;
+            if ip.next_header != IPPROTO_TCP {
+                return None;
+            }
+            (40, FAMILY_IPV6, ip.src, ip.dst)
+        }
+        _ => return None,
+    };
+    let tcp: TcpHeader = load(skb, ip_len)?;
+    let payload_offset = ip_len + u32::from(tcp.offset_reserved >> 4) * 4;
+    Some(Packet {
+        seq: u32::from_be(tcp.seq),
+        payload_offset,
+        payload_len: len.saturating_sub(payload_offset),
+        tcp_flags: tcp.flags,
+        family,
+        src_port: u16::from_be(tcp.src_port),
+        dst_port: u16::from_be(tcp.dst_port),
+        src,
+        dst,
+    })
+}
+
+#[cgroup_skb(ingress)]
+pub fn ingress(ctx: SkBuffContext) -> i32 {
+    on_packet(ctx.skb.skb, Direction::Ingress);
+    1
+}
+
+#[cgroup_skb(egress)]
+pub fn egress(ctx: SkBuffContext) -> i32 {
+    on_packet(ctx.skb.skb, Direction::Egress);
+    1
+}
+
+fn on_packet(skb: *mut __sk_buff, dir: Direction) {
+    // SAFETY: `sk` of a cgroup_skb context: a socket pointer or null.
+    let sk = unsafe { (*skb).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: non-null socket pointer from the context.
+    let sk = unsafe { bpf_sk_fullsock(sk) };
+    if sk.is_null() {
+        return;
+    }
+    // SAFETY: a full socket the verifier checked.
+    if unsafe { (*sk).protocol } != u32::from(IPPROTO_TCP) {
+        return;
+    }
+    let known = storage(sk, false);
+    if let Some(state) = &known
+        && state.status == IGNORED
+    {
+        return;
+    }
+    let Some(packet) = parse(skb) else {
+        if let Some(state) = &known
+            && state.status == TRACKED
+        {
+            count_loss(LossReason::Unparsed);
+        }
+        return;
+    };
+    if packet.payload_len == 0 && packet.tcp_flags & (TCP_FIN | TCP_RST) == 0 {
+        return;
+    }
+    let state = match known {
+        Some(state) => state,
+        None if packet.payload_len == 0 => return,
+        // A socket that connected or listened before the daemon: start and owner unknown.
+        None => match storage(sk, true) {
+            Some(state) => state,
+            None => {
+                count_loss(LossReason::StorageFailed);
+                return;
+            }
+        },
+    };
+    if config(&SCOPED) != 0 {
+        // SAFETY: plain helper call on the context, then a read-only map lookup.
+        let cgroup_id = unsafe { bpf_skb_cgroup_id(skb) };
+        // SAFETY: read-only map lookup.
+        if unsafe { OUT_OF_SCOPE.get(&cgroup_id) }.is_some() {
+            if state.status == TRACKED {
+                close(skb.cast(), state, 0);
+            }
+            state.status = IGNORED;
             return;
         }
-        offset += total;
+    }
+    if packet.payload_len > 0 {
+        match state.status {
+            TRACKED => track(skb, state, dir, &packet),
+            UNCLASSIFIED if state.flags & KNOWN_START != 0 => {
+                classify_head(skb, state, dir, &packet)
+            }
+            UNCLASSIFIED => classify_mid_stream(skb, state, dir, &packet),
+            _ => {}
+        }
+    }
+    if state.status == TRACKED {
+        if packet.tcp_flags & TCP_FIN != 0 {
+            state.fins |= match dir {
+                Direction::Ingress => FIN_INGRESS,
+                Direction::Egress => FIN_EGRESS,
+            };
+        }
+        if packet.tcp_flags & TCP_RST != 0 || state.fins == FIN_INGRESS | FIN_EGRESS {
+            close(skb.cast(), state, 0);
+        }
+    }
+}
+
+/// Stream offset (mod 2^32) of the packet's first payload byte, noting the furthest byte seen;
+/// a direction of a mid-stream connection starts at its first packet seen.
+fn offset_of(state: &mut SockState, dir: Direction, packet: &Packet) -> u32 {
+    let d = dir as usize;
+    if state.flags & base_flag(dir) == 0 {
+        state.base[d] = packet.seq;
+        state.flags |= base_flag(dir);
+    }
+    let offset = packet.seq.wrapping_sub(state.base[d]);
+    let end = offset.wrapping_add(packet.payload_len);
+    if (end.wrapping_sub(state.high[d]) as i32) > 0 {
+        state.high[d] = end;
+    }
+    offset
+}
+
+/// The first bytes of a connection whose start was seen: the client speaks first, and its
+/// first bytes must be a command.
+fn classify_head(skb: *mut __sk_buff, state: &mut SockState, dir: Direction, packet: &Packet) {
+    let request_dir = if state.flags & CLIENT != 0 {
+        Direction::Egress
+    } else {
+        Direction::Ingress
+    };
+    if dir != request_dir {
+        // The server spoke before the client's command was complete (SMTP, POP3, NATS …).
+        state.status = IGNORED;
+        return;
+    }
+    let offset = offset_of(state, dir, packet);
+    let have = u32::from(state.head_len);
+    if offset > have || offset.wrapping_add(packet.payload_len) <= have {
+        // Out of order ahead of the head (TCP delivers the head first, so it comes), or a
+        // retransmission of head bytes already collected.
+        return;
+    }
+    let skip = have - offset;
+    let mut take = packet.payload_len - skip;
+    if take > CLASSIFY_PEEK as u32 - have {
+        take = CLASSIFY_PEEK as u32 - have;
+    }
+    if take == 0 {
+        return;
+    }
+    let at = (have as usize) & (CLASSIFY_PEEK - 1);
+    let n = ((take - 1) & (CLASSIFY_PEEK as u32 - 1)) + 1;
+    // SAFETY: `at + n` ≤ 2 × CLASSIFY_PEEK, the size of `head`.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            skb.cast(),
+            packet.payload_offset + skip,
+            state.head.as_mut_ptr().add(at).cast(),
+            n,
+        )
+    };
+    if loaded != 0 {
+        return;
+    }
+    state.head_len = (have + n) as u8;
+    let mut peek = [0u8; CLASSIFY_PEEK];
+    peek.copy_from_slice(&state.head[..CLASSIFY_PEEK]);
+    match request_head(&peek, usize::from(state.head_len)) {
+        Verdict::NeedMore => {}
+        Verdict::NotResp => state.status = IGNORED,
+        Verdict::Resp => {
+            state.status = TRACKED;
+            if !open(skb, state, packet, dir) {
+                return;
+            }
+            let cookie = cookie_of(skb.cast());
+            // The head came in earlier packets too: send what this one does not hold.
+            if have > 0 && !send_head(state, cookie, dir, now()) {
+                lost_data(u64::from(have));
+            }
+            deliver(skb, dir, packet, offset, cookie);
+        }
+    }
+}
+
+/// A connection joined mid-stream: tracked once a packet starts like a RESP message.
+fn classify_mid_stream(
+    skb: *mut __sk_buff,
+    state: &mut SockState,
+    dir: Direction,
+    packet: &Packet,
+) {
+    let mut peek = [0u8; CLASSIFY_PEEK];
+    let n = if packet.payload_len < CLASSIFY_PEEK as u32 {
+        packet.payload_len
+    } else {
+        CLASSIFY_PEEK as u32
+    };
+    let len = ((n.wrapping_sub(1)) & (CLASSIFY_PEEK as u32 - 1)) + 1;
+    // SAFETY: `len` ≤ CLASSIFY_PEEK, the size of `peek`.
+    let loaded = unsafe {
+        bpf_skb_load_bytes(
+            skb.cast(),
+            packet.payload_offset,
+            peek.as_mut_ptr().cast(),
+            len,
+        )
+    };
+    if loaded == 0 && mid_stream_head(&peek, len as usize) {
+        state.status = TRACKED;
+        if open(skb, state, packet, dir) {
+            track(skb, state, dir, packet);
+        }
+        return;
+    }
+    state.probed = state.probed.saturating_add(packet.payload_len);
+    if state.probed > MID_STREAM_PROBE_BYTES {
+        state.status = IGNORED;
+    }
+}
+
+/// A packet of a tracked connection: its payload to the ring, and for a connection whose start
+/// was seen, a check of the first reply bytes.
+fn track(skb: *mut __sk_buff, state: &mut SockState, dir: Direction, packet: &Packet) {
+    let cookie = cookie_of(skb.cast());
+    // SAFETY: read-only map lookup.
+    if state.flags & KNOWN_START == 0 && unsafe { UNTRACK.get(&cookie) }.is_some() {
+        state.status = IGNORED;
+        let _ = UNTRACK.remove(&cookie);
+        return;
+    }
+    if state.flags & OPEN_SENT == 0 && !open(skb, state, packet, dir) {
+        let _ = offset_of(state, dir, packet);
+        return;
+    }
+    let offset = offset_of(state, dir, packet);
+    let reply_dir = if state.flags & CLIENT != 0 {
+        Direction::Ingress
+    } else {
+        Direction::Egress
+    };
+    if state.flags & (KNOWN_START | REPLY_CHECKED) == KNOWN_START && dir == reply_dir && offset == 0
+    {
+        state.flags |= REPLY_CHECKED;
+        let mut peek = [0u8; CLASSIFY_PEEK];
+        let n = if packet.payload_len < CLASSIFY_PEEK as u32 {
+            packet.payload_len
+        } else {
+            CLASSIFY_PEEK as u32
+        };
+        let len = ((n.wrapping_sub(1)) & (CLASSIFY_PEEK as u32 - 1)) + 1;
+        // SAFETY: `len` ≤ CLASSIFY_PEEK, the size of `peek`.
+        let loaded = unsafe {
+            bpf_skb_load_bytes(
+                skb.cast(),
+                packet.payload_offset,
+                peek.as_mut_ptr().cast(),
+                len,
+            )
+        };
+        if loaded == 0 && !reply_head(&peek, len as usize) {
+            // A text protocol whose requests look like inline commands (memcached `get k`):
+            // its replies give it away.
+            close(skb.cast(), state, close_flags::NOT_RESP);
+            state.status = IGNORED;
+            return;
+        }
+    }
+    deliver(skb, dir, packet, offset, cookie);
+}
+
+fn cookie_of(ctx: *mut c_void) -> u64 {
+    // SAFETY: a program context the helper accepts (skb or sock_ops).
+    unsafe { bpf_get_socket_cookie(ctx) }
+}
+
+fn lost_data(bytes: u64) {
+    count_loss(LossReason::RingFull);
+    count(kernel_counter::RING_FULL_BYTES, bytes);
+}
+
+/// The packet's payload at stream `offset`: its first [`DATA_PIECE`] bytes in a record of the
+/// smallest room that holds them, the rest (large GSO/GRO packets only) in full-size pieces.
+/// Not inlined: three callers would triple the code the verifier walks.
+#[inline(never)]
+fn deliver(skb: *mut __sk_buff, dir: Direction, packet: &Packet, offset: u32, cookie: u64) {
+    let ts_ns = now();
+    let first = if packet.payload_len < DATA_PIECE {
+        packet.payload_len
+    } else {
+        DATA_PIECE
+    };
+    let mut header = DataHeader {
+        kind: record_kind::DATA,
+        direction: dir as u8,
+        flags: data_flags::PACKET_START,
+        _pad: 0,
+        len: first,
+        cookie,
+        ts_ns,
+        seq: offset,
+        copied: first,
+    };
+    if !send_data(skb, &header, packet.payload_offset) {
+        lost_data(u64::from(header.len));
+    }
+    let mut done = first;
+    let mut piece = 1;
+    header.flags = 0;
+    while piece < MAX_PIECES {
+        let rest = packet.payload_len - done;
+        if rest == 0 {
+            return;
+        }
+        // The last piece also covers whatever is left, uncopied.
+        header.len = if piece + 1 == MAX_PIECES || rest <= DATA_PIECE {
+            rest
+        } else {
+            DATA_PIECE
+        };
+        header.copied = if rest < DATA_PIECE { rest } else { DATA_PIECE };
+        header.seq = offset.wrapping_add(done);
+        if !data_record::<{ DATA_PIECE as usize }>(skb, &header, packet.payload_offset + done) {
+            lost_data(u64::from(header.len));
+        }
+        done += header.len;
         piece += 1;
     }
 }
 
-/// Inlined: six arguments are more than a BPF call can pass.
-#[inline(always)]
-fn send(
-    scratch: &mut Scratch,
-    state: &mut ConnState,
-    direction: Direction,
-    total: u64,
-    copied: usize,
-    extra_flags: u8,
-) {
-    let dir = direction as usize & 1;
-    scratch.header.total_len = total;
-    scratch.header.copied_len = copied as u32;
-    scratch.header.gap_before = state.gap[dir];
-    let saved_flags = scratch.header.flags;
-    scratch.header.flags |= extra_flags;
-    let size = core::mem::size_of::<RecordHeader>() + copied;
-    let wakeup = wakeup_flag(scratch, size, saved_flags & record_flags::FIRST != 0);
-    // SAFETY: `Scratch` is `repr(C)` plain data; viewed as bytes up to its own size.
-    let bytes = unsafe {
-        core::slice::from_raw_parts(
-            (scratch as *const Scratch).cast::<u8>(),
-            core::mem::size_of::<Scratch>(),
-        )
+/// Sends the connection's open record, once: who owns it and its addresses.
+fn open(skb: *mut __sk_buff, state: &mut SockState, packet: &Packet, dir: Direction) -> bool {
+    if state.flags & OPEN_SENT != 0 {
+        return true;
+    }
+    let (local, remote, local_port, remote_port) = match dir {
+        Direction::Ingress => (packet.dst, packet.src, packet.dst_port, packet.src_port),
+        Direction::Egress => (packet.src, packet.dst, packet.src_port, packet.dst_port),
     };
-    let delivered = match bytes.get(..size) {
-        Some(record) => output::<[u8]>(state.ring, record, wakeup),
-        None => false,
+    let mut flags = 0;
+    if state.flags & CLIENT != 0 {
+        flags |= open_flags::CLIENT;
+    }
+    if state.flags & SERVER != 0 {
+        flags |= open_flags::SERVER;
+    }
+    if state.flags & KNOWN_START == 0 {
+        flags |= open_flags::MID_STREAM;
+    }
+    let record = OpenRecord {
+        kind: record_kind::OPEN,
+        flags,
+        family: packet.family,
+        _pad: 0,
+        tgid: state.tgid,
+        cookie: cookie_of(skb.cast()),
+        ts_ns: now(),
+        // SAFETY: plain helper call on the context.
+        cgroup_id: unsafe { bpf_skb_cgroup_id(skb) },
+        local_port,
+        remote_port,
+        _pad2: 0,
+        local_addr: local,
+        remote_addr: remote,
+        comm: state.comm,
     };
-    scratch.header.flags = saved_flags;
-    if delivered {
-        state.gap[dir] = 0;
+    if output_control(&record) {
+        state.flags |= OPEN_SENT;
+        true
     } else {
-        state.gap[dir] += total;
-        count_loss(LossReason::RingFull);
+        count_loss(LossReason::OpenLost);
+        false
     }
 }
 
-// ---- close and fd reuse ------------------------------------------------------------------
-
-/// Forgets (tgid, fd) and tells user space when it was a tracked connection.
-fn forget(ctx: &TracePointContext, fd: i32) {
-    let tgid = ctx.tgid();
-    let key = conn_key(tgid, fd);
-    // SAFETY: value copied out before removal.
-    let Some(state) = (unsafe { CONNS.get(key) }).copied() else {
-        return;
-    };
-    let _ = CONNS.remove(key);
-    if state.status != conn_status::TRACKED {
+/// Tells user space a tracked connection ended (or, with `NOT_RESP`, is no Redis), with each
+/// stream's length where its start is known. A record that does not fit in the ring goes to
+/// `LATE_CLOSES` instead.
+fn close(ctx: *mut c_void, state: &mut SockState, extra: u8) {
+    if state.flags & CLOSED != 0 {
         return;
     }
-    let Some(scratch) = SCRATCH.get_ptr_mut(0) else {
+    state.flags |= CLOSED;
+    if state.flags & OPEN_SENT == 0 {
         return;
+    }
+    let mut flags = extra;
+    if state.flags & BASE_INGRESS != 0 {
+        flags |= close_flags::INGRESS_END;
+    }
+    if state.flags & BASE_EGRESS != 0 {
+        flags |= close_flags::EGRESS_END;
+    }
+    let record = CloseRecord {
+        kind: record_kind::CLOSE,
+        flags,
+        _pad: [0; 6],
+        cookie: cookie_of(ctx),
+        ts_ns: now(),
+        end: state.high,
     };
-    // SAFETY: per-CPU scratch slot, valid for this run.
-    let scratch = unsafe { &mut *scratch };
-    fill_header(&mut scratch.header, Syscall::Read, fd, &state, 0);
-    scratch.header.kind = record_kind::CLOSE;
-    scratch.header.gap_before = state.gap[Direction::Ingress as usize];
-    scratch.header.total_len = state.gap[Direction::Egress as usize];
-    scratch.header.copied_len = 0;
-    let wakeup = wakeup_flag(scratch, core::mem::size_of::<RecordHeader>(), false);
-    if !output::<RecordHeader>(state.ring, &scratch.header, wakeup) {
+    if output_control(&record) {
+        return;
+    }
+    if LATE_CLOSES.insert(&record.cookie, &record, 0).is_ok() {
+        count(kernel_counter::CLOSE_DEFERRED, 1);
+    } else {
         count_loss(LossReason::CloseLost);
     }
 }
 
-#[tracepoint]
-pub fn sys_enter_close(ctx: TracePointContext) -> u32 {
-    if ctx.tgid() == self_tgid() {
-        return 0;
+// ---- socket events ---------------------------------------------------------------------------
+
+#[sock_ops]
+pub fn sock_events(ctx: SockOpsContext) -> u32 {
+    let ops = ctx.ops;
+    // SAFETY: a field of the sock_ops context.
+    let op = unsafe { (*ops).op };
+    // The kernel calls this for every TCP socket at several more points (RTO and window
+    // setup…): they cost one comparison.
+    if !matches!(
+        op,
+        BPF_SOCK_OPS_TCP_CONNECT_CB
+            | BPF_SOCK_OPS_TCP_LISTEN_CB
+            | BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB
+            | BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB
+    ) {
+        return 1;
     }
-    // SAFETY: offset from the tracepoint's format.
-    if let Ok(fd) = unsafe { ctx.read_at::<u64>(ARG0) } {
-        forget(&ctx, fd as i32);
+    // SAFETY: a field of the sock_ops context; null when the callback has no full socket.
+    let sk = unsafe { (*ops).__bindgen_anon_2.sk };
+    if sk.is_null() {
+        return 1;
     }
-    0
+    match op {
+        BPF_SOCK_OPS_TCP_CONNECT_CB | BPF_SOCK_OPS_TCP_LISTEN_CB => own(sk),
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB => established(ops, sk, CLIENT),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => established(ops, sk, SERVER),
+        _ => {}
+    }
+    1
 }
 
-/// A new socket from socket/accept/accept4: whatever was tracked under that fd number is gone,
-/// even if its close was never seen (close_range, dup2 over it), and the fd is now a socket to
-/// classify. Plain `read`/`write` are only looked at on fds known to be sockets this way (or
-/// from the daemon's scan of sockets that existed before it started), so files and pipes cost
-/// one map lookup. For accept, the peer address the kernel filled in is kept.
-#[tracepoint]
-pub fn sys_exit_new_socket(ctx: TracePointContext) -> u32 {
-    if ctx.tgid() == self_tgid() {
-        return 0;
-    }
-    // Where accept wrote the peer's address, or 0: a plain integer, because an `Option` kept
-    // across the calls below compiles to a register the verifier sees read uninitialised.
-    let sockaddr_ptr = match take_pending(bpf_get_current_pid_tgid()) {
-        Some(pending) if pending.syscall == Syscall::Accept as u8 => pending.ptr,
-        _ => 0,
+/// connect() and listen() run in the owner's context: the one place where `current` is the
+/// socket's process for sure. Accepted sockets get their listener's owner by cloning.
+fn own(sk: *mut bpf_sock) {
+    let Some(state) = storage(sk, true) else {
+        count_loss(LossReason::StorageFailed);
+        return;
     };
-    // SAFETY: `ret` is the exit record's first field.
-    let Ok(fd) = (unsafe { ctx.read_at::<i64>(RET) }) else {
-        return 0;
+    let tgid = (bpf_get_current_pid_tgid() >> 32) as u32;
+    if tgid == config(&SELF_TGID) {
+        state.status = IGNORED;
+        return;
+    }
+    state.tgid = tgid;
+    state.comm = bpf_get_current_comm().unwrap_or([0; 16]);
+}
+
+/// The handshake completed: both streams start here.
+fn established(ops: *mut bpf_sock_ops, sk: *mut bpf_sock, role: u8) {
+    let Some(state) = storage(sk, true) else {
+        count_loss(LossReason::StorageFailed);
+        return;
     };
-    if fd < 0 {
-        return 0;
+    if state.status == IGNORED {
+        return;
     }
-    forget(&ctx, fd as i32);
-    let peer = match sockaddr_ptr {
-        0 => PeerAddr::UNKNOWN,
-        ptr => read_sockaddr(ptr),
-    };
-    let _ = CONNS.insert(
-        conn_key(ctx.tgid(), fd as i32),
-        ConnState::probing(0, peer),
-        0,
-    );
-    0
-}
-
-fn read_sockaddr(ptr: u64) -> PeerAddr {
-    // SAFETY: reads user memory through the checked helper.
-    match unsafe { bpf_probe_read_user(ptr as *const [u8; 24]) } {
-        Ok(raw) => PeerAddr::from_sockaddr(&raw),
-        Err(_) => PeerAddr::UNKNOWN,
-    }
-}
-
-/// Remembers where accept will write the peer's address.
-#[tracepoint]
-pub fn sys_enter_accept(ctx: TracePointContext) -> u32 {
-    if ctx.tgid() == self_tgid() {
-        return 0;
-    }
-    // SAFETY: offset from the tracepoint's format (`upeer_sockaddr`).
-    let ptr = unsafe { ctx.read_at::<u64>(ARG1) }.unwrap_or(0);
-    let pending = PendingIo {
-        ptr,
-        len: 0,
-        fd: -1,
-        syscall: Syscall::Accept as u8,
-        _pad: [0; 3],
-    };
-    remember(bpf_get_current_pid_tgid(), pending);
-    0
-}
-
-/// A thread is gone: its `INFLIGHT` slot is freed (`sched:sched_process_exit` fires per thread),
-/// and with the main thread its process's ring choice.
-#[tracepoint]
-pub fn sched_process_exit(_ctx: TracePointContext) -> u32 {
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let _ = INFLIGHT.remove(pid_tgid);
-    let tgid = (pid_tgid >> 32) as u32;
-    if tgid == pid_tgid as u32 {
-        let _ = PROCESS_RINGS.remove(&tgid);
-    }
-    0
-}
-
-/// A client's connect names its peer: keep it for the socket's records.
-#[tracepoint]
-pub fn sys_enter_connect(ctx: TracePointContext) -> u32 {
-    let tgid = ctx.tgid();
-    if tgid == self_tgid() {
-        return 0;
-    }
-    // SAFETY: offsets from the tracepoint's format (`fd`, `uservaddr`).
-    let (fd, ptr) = unsafe {
-        (
-            ctx.read_at::<u64>(ARG0).unwrap_or(u64::MAX) as i32,
-            ctx.read_at::<u64>(ARG1).unwrap_or(0),
-        )
-    };
-    if fd < 0 || ptr == 0 {
-        return 0;
-    }
-    let peer = read_sockaddr(ptr);
-    match CONNS.get_ptr_mut(conn_key(tgid, fd)) {
-        // SAFETY: map value pointer, valid for this program run.
-        Some(state) => unsafe { (*state).peer = peer },
-        None => {
-            let _ = CONNS.insert(conn_key(tgid, fd), ConnState::probing(0, peer), 0);
-        }
-    }
-    0
-}
-
-macro_rules! io_tracepoints {
-    ($($enter:ident, $syscall:expr;)*) => {
-        $(
-            #[tracepoint]
-            pub fn $enter(ctx: TracePointContext) -> u32 {
-                on_enter(&ctx, $syscall)
-            }
-        )*
-    };
-}
-
-io_tracepoints! {
-    sys_enter_read, Syscall::Read;
-    sys_enter_readv, Syscall::Readv;
-    sys_enter_recvfrom, Syscall::Recvfrom;
-    sys_enter_recvmsg, Syscall::Recvmsg;
-    sys_enter_write, Syscall::Write;
-    sys_enter_writev, Syscall::Writev;
-    sys_enter_sendto, Syscall::Sendto;
-    sys_enter_sendmsg, Syscall::Sendmsg;
-}
-
-/// One exit program serves every I/O syscall: the entry saved which one it was.
-#[tracepoint]
-pub fn sys_exit_io(ctx: TracePointContext) -> u32 {
-    on_exit(&ctx)
+    // SAFETY: fields of the sock_ops context.
+    let (rcv_nxt, snd_nxt) = unsafe { ((*ops).rcv_nxt, (*ops).snd_nxt) };
+    state.base = [rcv_nxt, snd_nxt];
+    state.high = [0, 0];
+    state.flags |= KNOWN_START | role | BASE_INGRESS | BASE_EGRESS;
 }

@@ -1,14 +1,16 @@
-//! What the kernel programs add to every syscall of a watched process: the part of the daemon's
-//! cost that no spare core absorbs, because it runs inside the application's own syscalls.
+//! What the kernel programs add to a watched process's own sends: the part of the daemon's cost
+//! that no spare core absorbs. At the packet layer the programs run as packets pass the socket:
+//! on loopback, the sender's egress and the receiver's ingress both run inside the sender's
+//! `write`.
 //!
 //! A child process plays client and server of one loopback TCP connection in a single thread:
-//! each round trip is a request write, its read, a reply write and its read, four traced
-//! syscalls as for one unpipelined Redis command. It runs without the programs and with them
-//! attached (the ring drained by this process, as the daemon does), for RESP traffic (tracked:
-//! every buffer is copied to the ring) and for HTTP-like traffic (classified as not RESP, then
-//! ignored). Two children at once show what two processes writing records on two CPUs cost each
-//! other. Rounds alternate between detached and attached; each configuration keeps its fastest
-//! round.
+//! each round trip is a request write, its read, a reply write and its read, as for one
+//! unpipelined Redis command: two packets, each seen leaving one socket and reaching the other
+//! (four program runs with a payload). It runs without the programs and with them attached (the
+//! rings drained by this process, as the daemon does), for RESP traffic (tracked: every payload
+//! is copied to a ring) and for HTTP-like traffic (classified as not RESP, then ignored). Two
+//! children at once show what two processes writing records on two CPUs cost each other. Rounds
+//! alternate between detached and attached; each configuration keeps its fastest round.
 //! Run as root: `cargo bench -p respwatchd --bench kernel`.
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -16,7 +18,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use respwatchd::capture::{Capture, CaptureConfig};
+use respwatchd::capture::{Capture, CaptureConfig, Record};
 use tokio::sync::watch;
 
 /// Set in the environment of a child: `<traffic>:<round trips>`.
@@ -25,8 +27,8 @@ const ROUND_TRIPS: u32 = 10_000;
 /// Untimed round trips first: they let the programs classify the connection.
 const WARM_UP: u32 = 200;
 const ROUNDS: usize = 15;
-/// Request write, request read, reply write, reply read.
-const SYSCALLS_PER_ROUND_TRIP: f64 = 4.0;
+/// The request and the reply, each leaving one socket and reaching the other.
+const PROGRAM_RUNS_PER_ROUND_TRIP: f64 = 4.0;
 
 #[derive(Clone, Copy, PartialEq)]
 enum Traffic {
@@ -86,7 +88,7 @@ fn ping_pong(traffic: Traffic, round_trips: u32) -> std::io::Result<f64> {
     Ok((thread_cpu_ns()? - start) as f64 / f64::from(round_trips))
 }
 
-/// CPU time of the calling thread, syscalls (and the programs in them) included. Not wall
+/// CPU time of the calling thread, system calls (and the programs in them) included. Not wall
 /// time: the ring's reader, sharing the two CPUs with two children, would otherwise count as
 /// the children's cost.
 fn thread_cpu_ns() -> std::io::Result<u64> {
@@ -143,15 +145,20 @@ impl Attached {
         let counted = Arc::clone(&records);
         let (stop, mut stopped) = watch::channel(false);
         let drainer = runtime.spawn(async move {
-            let (mut batch, mut malformed) = (Vec::new(), Vec::new());
+            let (mut starts, mut malformed) = (Vec::new(), Vec::new());
             loop {
                 tokio::select! {
                     _ = stopped.changed() => return,
-                    drained = capture.next_batch(&mut batch, &mut malformed) => {
-                        drained.expect("draining the ring");
+                    woken = capture.wait() => {
+                        woken.expect("waiting on the rings");
+                        let mut batch = Vec::new();
+                        let _release = capture.read_batch(&mut batch, &mut starts, &mut malformed);
                         assert!(malformed.is_empty(), "malformed ring records");
-                        counted.fetch_add(batch.len() as u64, Ordering::Relaxed);
-                        batch.clear();
+                        let data = batch
+                            .iter()
+                            .filter(|record| matches!(record, Record::Data(_)))
+                            .count();
+                        counted.fetch_add(data as u64, Ordering::Relaxed);
                     }
                 }
             }
@@ -235,7 +242,7 @@ fn main() {
     assert!(records[1] < 0.01, "HTTP round trips were captured");
     println!(
         "{:<10} {:>12} {:>12} {:>10} {:>14} {:>8} {:>14}",
-        "traffic", "without ns", "with ns", "added ns", "per syscall", "ratio", "records/trip"
+        "traffic", "without ns", "with ns", "added ns", "per run", "ratio", "records/trip"
     );
     for (i, &(traffic, children)) in configs.iter().enumerate() {
         let added = with[i] - without[i];
@@ -245,7 +252,7 @@ fn main() {
             without[i],
             with[i],
             added,
-            added / SYSCALLS_PER_ROUND_TRIP,
+            added / PROGRAM_RUNS_PER_ROUND_TRIP,
             with[i] / without[i],
             records[i]
         );

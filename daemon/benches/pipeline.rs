@@ -3,11 +3,11 @@
 //! CPU that `benches/overhead.sh` cannot resolve on a noisy machine.
 //!
 //! Records shaped like `redis-benchmark -c 50 -t set,get` on one node (each command: the
-//! client's write, the server's read, the server's reply, the client's read; 16-byte keys,
+//! client's request packet, the server's, the server's reply and the client's; 16-byte keys,
 //! 3-byte values) go, in batches as the ring delivers them, through `Record::parse`, `Streams`,
 //! the decode stage and `Shared::publish` (aggregator, history, subscribers), exactly as
 //! `Pipeline::run` drives them. The baseline, measured in the same run, is `Record::parse`
-//! alone: copying the records out of the ring, which no design can skip.
+//! alone: reading each record's header in place, which no design can skip.
 //! Run: `cargo bench -p respwatchd --bench pipeline`.
 use std::hint::black_box;
 use std::time::Duration;
@@ -16,8 +16,9 @@ use std::time::Duration;
 mod fastest;
 use fastest::fastest;
 
-use bytes::BytesMut;
-use respwatch_common::{PeerAddr, RecordHeader, Syscall, record_flags, record_kind};
+use respwatch_common::{
+    DataHeader, Direction, FAMILY_IPV4, OpenRecord, data_flags, open_flags, record_kind,
+};
 use respwatchd::{
     capture::Record,
     decode::DecodeStage,
@@ -35,25 +36,59 @@ const COMMANDS: usize = 8 * 1024;
 const BATCH: usize = 256;
 const ROUNDS: usize = 7;
 
-/// One record as the kernel writes it into the ring: the header, then the copied bytes.
-fn raw_record(header: RecordHeader, data: &[u8]) -> Vec<u8> {
-    // SAFETY: `RecordHeader` is `repr(C)` plain integers and arrays without padding (its size
-    // is the sum of its fields, checked in `main`), so all of its bytes are initialised.
-    let head = unsafe {
-        std::slice::from_raw_parts(
-            (&header as *const RecordHeader).cast::<u8>(),
-            size_of::<RecordHeader>(),
-        )
-    };
-    [head, data].concat()
+/// The bytes of a `repr(C)` record without padding (checked in `main`).
+fn bytes_of<T>(record: &T) -> &[u8] {
+    // SAFETY: the record types are plain integers and arrays without padding, so all of their
+    // bytes are initialised.
+    unsafe { std::slice::from_raw_parts((record as *const T).cast::<u8>(), size_of::<T>()) }
 }
 
-/// The records of `COMMANDS` commands spread over `CLIENTS` connections, client and server in
-/// this process (so that `/proc` has a process to attribute them to).
+/// The records of `COMMANDS` commands spread over `CLIENTS` connections, client and server
+/// sockets in this process: each connection's open record, then per command the client's
+/// request packet (egress), the server's (ingress), the server's reply and the client's.
 fn records() -> Vec<Vec<u8>> {
     let tgid = std::process::id();
-    let mut out = Vec::with_capacity(COMMANDS * 4);
+    let mut out = Vec::with_capacity(COMMANDS * 4 + 2 * CLIENTS);
     let mut ts = 1_000_000u64;
+    let client_cookie = |client: usize| 1000 + client as u64;
+    let server_cookie = |client: usize| 2000 + client as u64;
+    for client in 0..CLIENTS {
+        for (cookie, flags, local_port, remote_port) in [
+            (
+                client_cookie(client),
+                open_flags::CLIENT,
+                40000 + client as u16,
+                6379,
+            ),
+            (
+                server_cookie(client),
+                open_flags::SERVER,
+                6379,
+                40000 + client as u16,
+            ),
+        ] {
+            ts += 1_000;
+            let open = OpenRecord {
+                kind: record_kind::OPEN,
+                flags,
+                family: FAMILY_IPV4,
+                _pad: 0,
+                tgid,
+                cookie,
+                ts_ns: ts,
+                cgroup_id: 1,
+                local_port,
+                remote_port,
+                _pad2: 0,
+                local_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                remote_addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+                comm: *b"redis-benchmark\0",
+            };
+            out.push(bytes_of(&open).to_vec());
+        }
+    }
+    // Stream offsets per cookie and direction.
+    let mut offsets = std::collections::HashMap::<(u64, u8), u32>::new();
     for i in 0..COMMANDS {
         let client = i % CLIENTS;
         let (request, reply): (&[u8], &[u8]) = if i % 2 == 0 {
@@ -67,34 +102,33 @@ fn records() -> Vec<Vec<u8>> {
                 b"$3\r\nxxx\r\n",
             )
         };
-        let first = i < CLIENTS;
-        let client_fd = 1000 + client as i32;
-        let server_fd = 2000 + client as i32;
-        for (fd, syscall, data) in [
-            (client_fd, Syscall::Sendto, request),
-            (server_fd, Syscall::Read, request),
-            (server_fd, Syscall::Write, reply),
-            (client_fd, Syscall::Recvfrom, reply),
+        for (cookie, direction, data) in [
+            (client_cookie(client), Direction::Egress, request),
+            (server_cookie(client), Direction::Ingress, request),
+            (server_cookie(client), Direction::Egress, reply),
+            (client_cookie(client), Direction::Ingress, reply),
         ] {
             ts += 1_000;
-            let header = RecordHeader {
-                ts_ns: ts,
-                conn_start_ns: fd as u64,
-                cgroup_id: 1,
-                total_len: data.len() as u64,
-                gap_before: 0,
-                tgid,
-                tid: tgid,
-                fd,
-                copied_len: data.len() as u32,
+            let offset = offsets.entry((cookie, direction as u8)).or_default();
+            let header = DataHeader {
                 kind: record_kind::DATA,
-                syscall: syscall as u8,
-                direction: syscall.direction() as u8,
-                flags: if first { record_flags::FIRST } else { 0 },
-                comm: *b"redis-benchmark\0",
-                peer: PeerAddr::UNKNOWN,
+                direction: direction as u8,
+                flags: data_flags::PACKET_START,
+                _pad: 0,
+                len: data.len() as u32,
+                cookie,
+                ts_ns: ts,
+                seq: *offset,
+                copied: data.len() as u32,
             };
-            out.push(raw_record(header, data));
+            *offset += data.len() as u32;
+            // The record's room is a power of two of at least 64 bytes: padding follows.
+            let mut record = [bytes_of(&header), data].concat();
+            record.resize(
+                size_of::<DataHeader>() + data.len().next_power_of_two().max(64),
+                0,
+            );
+            out.push(record);
         }
     }
     out
@@ -105,14 +139,12 @@ fn pipeline(records: &[Vec<u8>]) -> u64 {
     let config = PipelineConfig::default();
     let mut decode = DecodeStage::new(config.keys, 0);
     let shared = Shared::new(config, Attributor::new(None, Vec::new()));
-    let mut streams = Streams::new();
+    let mut streams = Streams::new(std::env::temp_dir());
     let (mut parsed, mut stream_events, mut events, mut out_of_scope) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let mut batch_bytes = BytesMut::new();
     for batch in records.chunks(BATCH) {
-        batch_bytes.reserve(64 * 1024);
         for raw in batch {
-            parsed.push(Record::parse(raw, &mut batch_bytes).expect("well-formed record"));
+            parsed.push(Record::parse(raw).expect("well-formed record"));
         }
         streams.accept_batch(parsed.drain(..), &mut stream_events);
         for event in stream_events.drain(..) {
@@ -126,14 +158,12 @@ fn pipeline(records: &[Vec<u8>]) -> u64 {
         .load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// The baseline: the records copied out of the ring and parsed, nothing more.
+/// The baseline: the records read and parsed in place, nothing more.
 fn parse_only(records: &[Vec<u8>]) -> u64 {
-    let mut batch_bytes = BytesMut::new();
     let mut total = 0;
     for batch in records.chunks(BATCH) {
-        batch_bytes.reserve(64 * 1024);
         for raw in batch {
-            let record = Record::parse(raw, &mut batch_bytes).expect("well-formed record");
+            let record = Record::parse(raw).expect("well-formed record");
             total += matches!(black_box(record), Record::Data(_)) as u64;
         }
     }
@@ -142,14 +172,19 @@ fn parse_only(records: &[Vec<u8>]) -> u64 {
 
 fn main() {
     assert_eq!(
-        size_of::<RecordHeader>(),
-        5 * 8 + 4 * 4 + 4 + 16 + size_of::<PeerAddr>(),
-        "RecordHeader has padding: raw_record would read uninitialised bytes"
+        size_of::<DataHeader>(),
+        4 + 4 + 8 + 8 + 4 + 4,
+        "DataHeader has padding: bytes_of would read uninitialised bytes"
+    );
+    assert_eq!(
+        size_of::<OpenRecord>(),
+        4 + 4 + 8 + 8 + 8 + 2 + 2 + 4 + 16 + 16 + 16,
+        "OpenRecord has padding: bytes_of would read uninitialised bytes"
     );
     let records = records();
     let (baseline, data_records) = fastest(ROUNDS, || parse_only(&records));
     let (elapsed, events) = fastest(ROUNDS, || pipeline(&records));
-    assert_eq!(data_records, records.len() as u64);
+    assert_eq!(data_records, 4 * COMMANDS as u64);
     assert_eq!(
         events,
         2 * COMMANDS as u64,

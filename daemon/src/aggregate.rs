@@ -360,7 +360,7 @@ impl Aggregator {
 #[derive(PartialEq, Eq, Hash)]
 struct BatchGroup<'a> {
     process: usize,
-    peer: RowPeer<'a>,
+    peer: RowPeer,
     role: Role,
     command: &'a str,
     second: u64,
@@ -422,7 +422,6 @@ fn project(key: &RowKey, group_by: &[GroupBy]) -> RowKey {
 mod tests {
     use super::*;
     use crate::{
-        capture::ConnRef,
         enrich::Process,
         streams::{ConnId, ConnMeta},
     };
@@ -430,11 +429,6 @@ mod tests {
     fn conn(id: u64, pid: u32) -> Arc<ConnMeta> {
         Arc::new(ConnMeta {
             id: ConnId(id),
-            kernel: ConnRef {
-                tgid: pid,
-                fd: 3,
-                start_ns: id,
-            },
             process: Arc::new(Process {
                 pid,
                 comm: "app".into(),
@@ -444,6 +438,8 @@ mod tests {
                 pod_uid: None,
             }),
             socket: None,
+            opener: None,
+            mid_stream: false,
         })
     }
 

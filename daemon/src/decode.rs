@@ -5,7 +5,10 @@ use std::sync::Arc;
 use foldhash::{HashMap, HashMapExt};
 
 use respwatch_common::Direction;
-use respwatch_resp::correlate::{self, Correlator, Output};
+use respwatch_resp::{
+    correlate::{self, Correlator, Output},
+    decode::DesyncReason,
+};
 
 use crate::{
     event::{CommandEvent, EventError, KeyPolicy, reply_name},
@@ -20,10 +23,23 @@ pub struct DecodeCounters {
     pub pushes: u64,
     pub unanswered: u64,
     pub unmatched_replies: u64,
+    /// Connections dropped because their replies turned out not to be RESP.
+    pub not_resp: u64,
+    /// Bytes of connections joined mid-stream skipped before their first message start.
+    pub mid_stream_skipped_bytes: u64,
+    /// Commands of replication streams (master to replica), and their bytes with snapshots.
+    pub replicated_commands: u64,
+    pub replicated_bytes: u64,
 }
 
+/// Desynchronisations after which a connection joined mid-stream that has not produced one
+/// command is judged not to be RESP: chance bytes of another protocol looked like a message.
+const MID_STREAM_DESYNCS: u32 = 4;
+
 pub struct DecodeStage {
-    correlators: HashMap<ConnId, (Arc<ConnMeta>, Correlator)>,
+    correlators: HashMap<ConnId, Decoding>,
+    /// Connections judged not to be RESP since the caller last took them.
+    not_resp: Vec<ConnId>,
     /// A field of its own so that a connection's `Arc` can be lent from `correlators` while
     /// events are built, not cloned per chunk (that clone and drop were 7% of the daemon).
     sink: Sink,
@@ -33,6 +49,7 @@ impl DecodeStage {
     pub fn new(keys: KeyPolicy, realtime_offset_ns: i128) -> Self {
         Self {
             correlators: HashMap::new(),
+            not_resp: Vec::new(),
             sink: Sink {
                 keys,
                 realtime_offset_ns,
@@ -46,13 +63,29 @@ impl DecodeStage {
         &self.sink.counters
     }
 
+    /// Connections joined mid-stream that turned out not to be RESP: their state is gone here,
+    /// and the capture should stop sending them.
+    pub fn take_not_resp(&mut self, out: &mut Vec<ConnId>) {
+        out.append(&mut self.not_resp);
+    }
+
     pub fn accept(&mut self, event: &StreamEvent, out: &mut Vec<Arc<CommandEvent>>) {
         match event {
             StreamEvent::Data(chunk) => {
-                let (meta, correlator) = self
-                    .correlators
-                    .entry(chunk.conn.id)
-                    .or_insert_with(|| (Arc::clone(&chunk.conn), Correlator::new()));
+                let decoding = self.correlators.entry(chunk.conn.id).or_insert_with(|| {
+                    let correlator = if chunk.conn.mid_stream {
+                        Correlator::mid_stream()
+                    } else {
+                        Correlator::new()
+                    };
+                    Decoding {
+                        meta: Arc::clone(&chunk.conn),
+                        correlator,
+                        doubtful_desyncs: 0,
+                        exchanges: 0,
+                    }
+                });
+                let correlator = &mut decoding.correlator;
                 let dir = match chunk.direction {
                     Direction::Ingress => correlate::Direction::Ingress,
                     Direction::Egress => correlate::Direction::Egress,
@@ -60,23 +93,61 @@ impl DecodeStage {
                 if chunk.gap_before > 0 {
                     correlator.lose(dir, chunk.ts_ns, chunk.gap_before, &mut self.sink.outputs);
                 }
-                correlator.feed(
-                    dir,
-                    chunk.ts_ns,
-                    &chunk.bytes,
-                    chunk.uncopied,
-                    &mut self.sink.outputs,
-                );
-                self.sink.emit(meta, out);
+                if chunk.boundary {
+                    correlator.feed(
+                        dir,
+                        chunk.ts_ns,
+                        &chunk.bytes,
+                        chunk.uncopied,
+                        &mut self.sink.outputs,
+                    );
+                } else {
+                    correlator.feed_continuation(
+                        dir,
+                        chunk.ts_ns,
+                        &chunk.bytes,
+                        chunk.uncopied,
+                        &mut self.sink.outputs,
+                    );
+                }
+                let (exchanges, desyncs) = self.sink.emit(&decoding.meta, out);
+                decoding.exchanges += exchanges;
+                if decoding.meta.mid_stream && decoding.exchanges == 0 {
+                    decoding.doubtful_desyncs += desyncs;
+                    if decoding.doubtful_desyncs >= MID_STREAM_DESYNCS {
+                        self.correlators.remove(&chunk.conn.id);
+                        self.not_resp.push(chunk.conn.id);
+                        self.sink.counters.not_resp += 1;
+                    }
+                }
             }
-            StreamEvent::Closed { conn, ts_ns, .. } => {
-                if let Some((meta, mut correlator)) = self.correlators.remove(&conn.id) {
-                    correlator.close(*ts_ns, &mut self.sink.outputs);
-                    self.sink.emit(&meta, out);
+            StreamEvent::Closed {
+                conn,
+                ts_ns,
+                not_resp,
+                ..
+            } => {
+                if let Some(mut decoding) = self.correlators.remove(&conn.id) {
+                    if *not_resp {
+                        // Not Redis after all: what it seemed to say is not reported.
+                        self.sink.counters.not_resp += 1;
+                        return;
+                    }
+                    decoding.correlator.close(*ts_ns, &mut self.sink.outputs);
+                    self.sink.emit(&decoding.meta, out);
                 }
             }
         }
     }
+}
+
+/// One connection being decoded.
+struct Decoding {
+    meta: Arc<ConnMeta>,
+    correlator: Correlator,
+    /// Desynchronisations while it has not yet produced an exchange (mid-stream joins only).
+    doubtful_desyncs: u32,
+    exchanges: u64,
 }
 
 /// Where a connection's correlator outputs go: events, or counters for what is not one.
@@ -90,11 +161,13 @@ struct Sink {
 
 impl Sink {
     /// Events are shared from here on (aggregator, history, subscribers): built in their `Arc`
-    /// at once, they are not moved again.
-    fn emit(&mut self, meta: &Arc<ConnMeta>, out: &mut Vec<Arc<CommandEvent>>) {
+    /// at once, they are not moved again. Returns the exchanges and desyncs emitted.
+    fn emit(&mut self, meta: &Arc<ConnMeta>, out: &mut Vec<Arc<CommandEvent>>) -> (u64, u32) {
+        let (mut exchanges, mut desyncs) = (0, 0);
         for output in self.outputs.drain(..) {
             match output {
                 Output::Exchange(exchange) => {
+                    exchanges += 1;
                     let time = exchange.reply_ts_ns as i128 + self.realtime_offset_ns;
                     let counted = exchange.counted;
                     out.push(Arc::new(CommandEvent {
@@ -119,7 +192,17 @@ impl Sink {
                     }));
                 }
                 Output::Push(_) => self.counters.pushes += 1,
+                Output::Replication { command, bytes, .. } => {
+                    self.counters.replicated_commands += u64::from(command.is_some());
+                    self.counters.replicated_bytes += bytes;
+                }
+                Output::Desync {
+                    reason: DesyncReason::JoiningMidStream,
+                    skipped_bytes,
+                    ..
+                } => self.counters.mid_stream_skipped_bytes += skipped_bytes,
                 Output::Desync { skipped_bytes, .. } => {
+                    desyncs += 1;
                     self.counters.desyncs += 1;
                     self.counters.desync_bytes += skipped_bytes;
                 }
@@ -129,5 +212,6 @@ impl Sink {
                 }
             }
         }
+        (exchanges, desyncs)
     }
 }

@@ -4,7 +4,7 @@ use std::{
     collections::HashMap,
     fs,
     net::{IpAddr, SocketAddr},
-    path::Path,
+    path::{Path, PathBuf},
     sync::Arc,
 };
 
@@ -12,7 +12,6 @@ use respwatch_resp::correlate::Role;
 
 use crate::{
     aggregate::RowKey,
-    capture::comm_str,
     event::CommandEvent,
     kube::{Labels, PodIndex, PodMeta},
     sockets::SocketAddrs,
@@ -29,46 +28,60 @@ pub struct Process {
     pub pod_uid: Option<String>,
 }
 
-#[derive(Default)]
+/// Processes by (pid, cgroup): a pid is looked up once, and again if it shows up in another
+/// cgroup (it moved, or the pid was reused).
 pub struct ProcessCache {
-    by_tgid: HashMap<u32, Arc<Process>>,
-    /// Cgroup paths found by id, for processes gone before `/proc` could be read.
+    /// Where the cgroup v2 hierarchy is mounted (in a container: the host's, mounted there).
+    cgroup_root: PathBuf,
+    by_pid: HashMap<(u32, u64), Arc<Process>>,
+    /// Cgroup paths found by id: containers outlive their processes, so a short-lived client
+    /// gone before its first record is read still gets its container and pod.
     cgroup_paths: HashMap<u64, Option<String>>,
 }
 
 impl ProcessCache {
-    pub fn get(&mut self, tgid: u32, comm: &[u8; 16], cgroup_id: u64) -> Arc<Process> {
-        if let Some(known) = self.by_tgid.get(&tgid)
-            && known.cgroup_id == cgroup_id
-        {
+    pub fn new(cgroup_root: PathBuf) -> Self {
+        Self {
+            cgroup_root,
+            by_pid: HashMap::new(),
+            cgroup_paths: HashMap::new(),
+        }
+    }
+
+    /// The process `pid` (0: unknown) named `comm`, whose sockets belong to cgroup `cgroup_id`.
+    pub fn get(&mut self, pid: u32, comm: String, cgroup_id: u64) -> Arc<Process> {
+        if let Some(known) = self.by_pid.get(&(pid, cgroup_id)) {
             return Arc::clone(known);
         }
-        // A short-lived client may exit before its first record is read; its cgroup still
-        // exists then (containers outlive their processes), found by the id the kernel gave.
-        let cgroup_path = read_cgroup_path(tgid).or_else(|| {
-            self.cgroup_paths
-                .entry(cgroup_id)
-                .or_insert_with(|| find_cgroup(Path::new(CGROUP2_ROOT), cgroup_id))
-                .clone()
-        });
+        let cgroup_path = self.cgroup_path(cgroup_id);
         let (container_id, pod_uid) = cgroup_path
             .as_deref()
             .map(parse_cgroup_path)
             .unwrap_or_default();
         let process = Arc::new(Process {
-            pid: tgid,
-            comm: comm_str(comm),
+            pid,
+            comm,
             cgroup_id,
             cgroup_path,
             container_id,
             pod_uid,
         });
-        self.by_tgid.insert(tgid, Arc::clone(&process));
+        self.by_pid.insert((pid, cgroup_id), Arc::clone(&process));
         process
     }
 
+    /// The path of cgroup `cgroup_id` below the root, found once by the id (the directory's
+    /// inode number on cgroup v2).
+    pub fn cgroup_path(&mut self, cgroup_id: u64) -> Option<String> {
+        self.cgroup_paths
+            .entry(cgroup_id)
+            .or_insert_with(|| find_cgroup(&self.cgroup_root, cgroup_id))
+            .clone()
+    }
+
     pub fn retain_alive(&mut self) {
-        self.by_tgid.retain(|tgid, _| process_alive(*tgid));
+        self.by_pid
+            .retain(|(pid, _), _| *pid == 0 || process_alive(*pid));
     }
 }
 
@@ -76,8 +89,6 @@ pub fn process_alive(tgid: u32) -> bool {
     Path::new(&format!("/proc/{tgid}")).exists()
 }
 
-/// Where the cgroup v2 hierarchy is mounted (in a container: the host's, mounted there).
-const CGROUP2_ROOT: &str = "/sys/fs/cgroup";
 /// Directories looked at at most when searching a cgroup by id, so a huge hierarchy costs
 /// bounded time.
 const MAX_CGROUP_SCAN: usize = 100_000;
@@ -108,13 +119,6 @@ fn find_cgroup(root: &Path, cgroup_id: u64) -> Option<String> {
         );
     }
     None
-}
-
-fn read_cgroup_path(tgid: u32) -> Option<String> {
-    let text = fs::read_to_string(format!("/proc/{tgid}/cgroup")).ok()?;
-    text.lines()
-        .find_map(|line| line.strip_prefix("0::"))
-        .map(str::to_owned)
 }
 
 /// Container id and pod UID from a kubelet-style cgroup path: the systemd driver writes
@@ -444,31 +448,27 @@ fn peer_label(event: &CommandEvent) -> String {
     match RowPeer::of(event) {
         RowPeer::Server(addr) => addr.to_string(),
         RowPeer::Client(ip) => ip.to_string(),
-        RowPeer::Unix("") => "unix".to_owned(),
-        RowPeer::Unix(path) => format!("unix:{path}"),
         RowPeer::Unknown => String::new(),
     }
 }
 
 /// The part of a connection's peer that its stats row names: a client's rows name the server
-/// (`ip:port`), a server's rows only the client's IP (client ports are ephemeral), Unix
-/// sockets their path. Cheap to hash, unlike the row's label.
+/// (`ip:port`), a server's rows only the client's IP (client ports are ephemeral). Cheap to
+/// hash, unlike the row's label.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum RowPeer<'a> {
+pub enum RowPeer {
     Server(SocketAddr),
     Client(IpAddr),
-    Unix(&'a str),
     Unknown,
 }
 
-impl RowPeer<'_> {
-    pub fn of(event: &CommandEvent) -> RowPeer<'_> {
+impl RowPeer {
+    pub fn of(event: &CommandEvent) -> RowPeer {
         match &event.conn.socket {
-            Some(SocketAddrs::Tcp { peer, .. }) => match event.role {
+            Some(SocketAddrs { peer, .. }) => match event.role {
                 Role::Client => RowPeer::Server(*peer),
                 Role::Server => RowPeer::Client(peer.ip()),
             },
-            Some(SocketAddrs::Unix { path }) => RowPeer::Unix(path),
             None => RowPeer::Unknown,
         }
     }

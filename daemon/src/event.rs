@@ -95,6 +95,7 @@ fn kind_name(kind: Kind) -> &'static str {
         Kind::Set => "set",
         Kind::Push => "push",
         Kind::Inline => "inline",
+        Kind::Snapshot => "snapshot",
     }
 }
 

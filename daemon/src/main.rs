@@ -32,8 +32,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 #[derive(Debug, Parser)]
 #[command(version, about)]
 struct Args {
-    /// Bytes of the kernel-to-user record rings together (a power of two, at least 4096), split
-    /// evenly between them (one per CPU, up to 4).
+    /// Bytes of the kernel-to-user data rings together (a power of two, at least 4096), split
+    /// evenly between them (one per CPU, up to 4); connection opens and closes get a ring of a
+    /// sixteenth of this (at least a page) on top.
     #[arg(long, env = "RESPWATCH_RING_BYTES", default_value_t = 64 * 1024 * 1024)]
     ring_bytes: u32,
     /// How much of each key name events keep: full, truncate:N, hash or off. Values are never
@@ -77,7 +78,7 @@ struct Args {
     kubeconfig: Option<PathBuf>,
     /// Only observe pods of these namespaces (comma-separated; default: everything). Host
     /// processes and pods not known yet are then left out. Cgroups found out of scope are also
-    /// skipped in the kernel, so they cost one map lookup per syscall and no records.
+    /// skipped in the kernel, so their packets cost one map lookup and no records.
     #[arg(long, env = "RESPWATCH_NAMESPACES", value_delimiter = ',')]
     namespaces: Vec<String>,
     /// Seconds a deleted pod stays resolvable (its last commands keep their names).
@@ -90,6 +91,11 @@ struct Args {
         default_value_t = 10
     )]
     kubernetes_retry_max_seconds: u64,
+    /// The cgroup v2 directory the programs attach to (default: the root of the cgroup v2
+    /// hierarchy, found in /proc/self/mountinfo). In a container, mount the host's hierarchy and
+    /// point here; below the root only the processes under it are seen.
+    #[arg(long, env = "RESPWATCH_CGROUP_ROOT")]
+    cgroup_root: Option<PathBuf>,
     /// Log filter, e.g. `info` or `respwatchd=debug`.
     #[arg(long, env = "RESPWATCH_LOG", default_value = "info")]
     log: String,
@@ -158,6 +164,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let capture = Capture::start(&CaptureConfig {
         ring_bytes: args.ring_bytes,
         scoped: !namespaces.is_empty(),
+        cgroup_root: args.cgroup_root.clone(),
     })?;
     tracing::info!(
         programs = capture.attached().len(),
@@ -224,6 +231,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         chunks = counters.chunks.load(Ordering::Relaxed),
         bytes = counters.bytes.load(Ordering::Relaxed),
         lost_bytes = counters.lost_bytes.load(Ordering::Relaxed),
+        duplicate_bytes = counters.duplicate_bytes.load(Ordering::Relaxed),
         ring_full = counters.kernel_losses[LossReason::RingFull as usize].load(Ordering::Relaxed),
         "eBPF programs detached; bye"
     );

@@ -15,11 +15,11 @@ use tokio::sync::{broadcast, watch};
 
 use crate::{
     aggregate::{Aggregator, RowKey},
-    capture::{Capture, CaptureError},
+    capture::{Capture, CaptureError, Record},
     decode::{DecodeCounters, DecodeStage},
     enrich::Attributor,
     event::{CommandEvent, KeyPolicy},
-    streams::{StreamEvent, Streams},
+    streams::{ConnId, StreamEvent, StreamStats, Streams},
 };
 
 /// How often connections of exited processes are ended and kernel loss counters read.
@@ -32,19 +32,34 @@ pub struct PipelineCounters {
     pub malformed_records: AtomicU64,
     pub chunks: AtomicU64,
     pub bytes: AtomicU64,
-    /// Bytes lost in the kernel (ring full), as reported on later chunks and closes.
+    /// Stream bytes lost: holes given up (ring overflow in the kernel, segments never seen)
+    /// and stream ends never delivered.
     pub lost_bytes: AtomicU64,
+    /// Retransmitted (or twice-seen) bytes dropped because they had been delivered once.
+    pub duplicate_bytes: AtomicU64,
+    /// Bytes held in out-of-order windows, waiting for a hole to fill.
+    pub held_bytes: AtomicU64,
+    /// Records that arrived after newer ones had been handed on.
+    pub late_records: AtomicU64,
     pub tracked_connections: AtomicU64,
     /// Cgroups outside `--namespaces` whose I/O the kernel no longer looks at.
     pub excluded_cgroups: AtomicU64,
     /// The kernel's loss counters by [`respwatch_common::LossReason`], refreshed periodically.
     pub kernel_losses: [AtomicU64; LOSS_REASONS as usize],
+    /// Payload bytes the kernel could not put in a ring (a node total).
+    pub kernel_lost_bytes: AtomicU64,
+    /// Close records that waited in the kernel's overflow map.
+    pub closes_deferred: AtomicU64,
     pub events: AtomicU64,
     pub desyncs: AtomicU64,
     pub desync_bytes: AtomicU64,
     pub pushes: AtomicU64,
     pub unanswered: AtomicU64,
     pub unmatched_replies: AtomicU64,
+    pub not_resp: AtomicU64,
+    pub replicated_commands: AtomicU64,
+    pub replicated_bytes: AtomicU64,
+    pub mid_stream_skipped_bytes: AtomicU64,
 }
 
 #[derive(Clone, Debug)]
@@ -97,7 +112,7 @@ impl Shared {
     /// `out_of_scope` gets the cgroups of events that can never be in `--namespaces`' scope.
     pub fn publish(&self, events: &mut Vec<Arc<CommandEvent>>, out_of_scope: &mut Vec<u64>) {
         // `--namespaces`: out-of-scope events go no further; their cgroups are then skipped in
-        // the kernel too, so they cost almost nothing from the next syscall on.
+        // the kernel too, so their sockets cost one storage lookup per packet from then on.
         events.retain(|event| {
             let keep = self.attributor.in_scope(event);
             if !keep && self.attributor.never_in_scope(&event.conn.process) {
@@ -138,9 +153,10 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub fn new(capture: Capture, config: PipelineConfig, attributor: Attributor) -> Self {
+        let cgroup_root = capture.cgroup_root().to_path_buf();
         Self {
             capture,
-            streams: Streams::new(),
+            streams: Streams::new(cgroup_root),
             decode: DecodeStage::new(config.keys, realtime_offset_ns()),
             shared: Arc::new(Shared::new(config, attributor)),
         }
@@ -159,51 +175,103 @@ impl Pipeline {
     pub async fn run(
         mut self,
         mut shutdown: watch::Receiver<bool>,
-        mut observe: impl FnMut(&StreamEvent),
+        mut observe: impl FnMut(&StreamEvent<'_>),
     ) -> Result<(), CaptureError> {
-        let mut records = Vec::with_capacity(1024);
+        // Batch buffers borrow each batch's ring memory: emptied and handed on to the next batch
+        // on the same allocations.
+        let mut records: Vec<Record<'static>> = Vec::with_capacity(4096);
+        let mut stream_events: Vec<StreamEvent<'static>> = Vec::with_capacity(4096);
+        let mut starts = Vec::with_capacity(4096);
         let mut malformed = Vec::new();
-        let mut stream_events = Vec::with_capacity(1024);
+        let mut late_closes = Vec::new();
         let mut command_events = Vec::with_capacity(1024);
         let mut out_of_scope = Vec::new();
+        let mut not_resp = Vec::new();
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         loop {
+            let mut swept = false;
             tokio::select! {
                 changed = shutdown.changed() => {
                     if changed.is_err() || *shutdown.borrow() {
                         return Ok(());
                     }
                 }
-                _ = sweep.tick() => {
-                    self.streams.sweep_exited(monotonic_ns(), &mut stream_events);
-                    self.refresh_kernel_losses();
-                }
-                batch = self.capture.next_batch(&mut records, &mut malformed) => batch?,
+                _ = sweep.tick() => swept = true,
+                woken = self.capture.wait() => woken?,
             }
             let shared = Arc::clone(&self.shared);
             let counters = &shared.counters;
+            let mut tally = StreamTally::default();
+            if swept {
+                self.capture.take_late_closes(&mut late_closes);
+                self.streams
+                    .accept_closes(late_closes.drain(..), &mut stream_events);
+                self.streams.sweep(&mut stream_events);
+                for event in stream_events.drain(..) {
+                    tally.count(&event);
+                    observe(&event);
+                    self.decode.accept(&event, &mut command_events);
+                }
+                self.refresh_kernel_counters();
+            }
+            {
+                let mut batch_records = recycle_records(std::mem::take(&mut records));
+                let mut events = recycle_events(std::mem::take(&mut stream_events));
+                let batch =
+                    self.capture
+                        .read_batch(&mut batch_records, &mut starts, &mut malformed);
+                counters
+                    .records
+                    .fetch_add(batch_records.len() as u64, Ordering::Relaxed);
+                self.streams
+                    .accept_batch(batch_records.drain(..), &mut events);
+                for event in events.drain(..) {
+                    tally.count(&event);
+                    observe(&event);
+                    self.decode.accept(&event, &mut command_events);
+                }
+                // Done with every record: their ring space goes back to the kernel.
+                drop(batch);
+                records = recycle_records(batch_records);
+                stream_events = recycle_events(events);
+            }
             for error in malformed.drain(..) {
                 counters.malformed_records.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "dropped a ring buffer record");
             }
-            counters
-                .records
-                .fetch_add(records.len() as u64, Ordering::Relaxed);
-            self.streams
-                .accept_batch(records.drain(..), &mut stream_events);
-            let mut tally = StreamTally::default();
-            for event in stream_events.drain(..) {
-                tally.count(&event);
-                observe(&event);
-                self.decode.accept(&event, &mut command_events);
-            }
             tally.add_to(counters);
+            self.untrack_not_resp(&mut not_resp);
             shared.publish(&mut command_events, &mut out_of_scope);
             self.exclude_in_kernel(&mut out_of_scope);
             counters
                 .tracked_connections
                 .store(self.streams.tracked() as u64, Ordering::Relaxed);
-            store_decode_counters(counters, self.decode.counters());
+            let stream_stats = self.streams.stats();
+            counters
+                .lost_bytes
+                .store(stream_stats.lost_bytes, Ordering::Relaxed);
+            counters
+                .duplicate_bytes
+                .store(stream_stats.duplicate_bytes, Ordering::Relaxed);
+            counters
+                .held_bytes
+                .store(self.streams.held_bytes(), Ordering::Relaxed);
+            counters
+                .late_records
+                .store(self.capture.late_records(), Ordering::Relaxed);
+            store_decode_counters(counters, self.decode.counters(), &stream_stats);
+        }
+    }
+
+    /// Connections joined mid-stream that the decoder found not to be RESP: forgotten here, and
+    /// no longer sent by the kernel.
+    fn untrack_not_resp(&mut self, ids: &mut Vec<ConnId>) {
+        self.decode.take_not_resp(ids);
+        for id in ids.drain(..) {
+            self.streams.forget(id);
+            if let Err(error) = self.capture.untrack(id.0) {
+                tracing::warn!(%error, cookie = id.0, "untracking a connection that is not RESP");
+            }
         }
     }
 
@@ -222,15 +290,21 @@ impl Pipeline {
         }
     }
 
-    fn refresh_kernel_losses(&self) {
-        match self.capture.kernel_losses() {
-            Ok(losses) => {
-                for (counter, value) in self.shared.counters.kernel_losses.iter().zip(losses.counts)
-                {
+    fn refresh_kernel_counters(&self) {
+        match self.capture.kernel_counters() {
+            Ok(kernel) => {
+                let counters = &self.shared.counters;
+                for (counter, value) in counters.kernel_losses.iter().zip(kernel.losses) {
                     counter.store(value, Ordering::Relaxed);
                 }
+                counters
+                    .kernel_lost_bytes
+                    .store(kernel.lost_bytes, Ordering::Relaxed);
+                counters
+                    .closes_deferred
+                    .store(kernel.closes_deferred, Ordering::Relaxed);
             }
-            Err(error) => tracing::warn!(%error, "reading the kernel's loss counters"),
+            Err(error) => tracing::warn!(%error, "reading the kernel's counters"),
         }
     }
 }
@@ -240,35 +314,27 @@ impl Pipeline {
 struct StreamTally {
     chunks: u64,
     bytes: u64,
-    lost_bytes: u64,
 }
 
 impl StreamTally {
     fn count(&mut self, event: &StreamEvent) {
-        match event {
-            StreamEvent::Data(chunk) => {
-                self.chunks += 1;
-                self.bytes += chunk.total_len();
-                self.lost_bytes += chunk.gap_before;
-            }
-            StreamEvent::Closed {
-                lost_ingress,
-                lost_egress,
-                ..
-            } => self.lost_bytes += lost_ingress + lost_egress,
+        if let StreamEvent::Data(chunk) = event {
+            self.chunks += 1;
+            self.bytes += chunk.total_len();
         }
     }
 
     fn add_to(&self, counters: &PipelineCounters) {
         counters.chunks.fetch_add(self.chunks, Ordering::Relaxed);
         counters.bytes.fetch_add(self.bytes, Ordering::Relaxed);
-        counters
-            .lost_bytes
-            .fetch_add(self.lost_bytes, Ordering::Relaxed);
     }
 }
 
-fn store_decode_counters(counters: &PipelineCounters, decode: &DecodeCounters) {
+fn store_decode_counters(
+    counters: &PipelineCounters,
+    decode: &DecodeCounters,
+    streams: &StreamStats,
+) {
     counters.desyncs.store(decode.desyncs, Ordering::Relaxed);
     counters
         .desync_bytes
@@ -280,6 +346,39 @@ fn store_decode_counters(counters: &PipelineCounters, decode: &DecodeCounters) {
     counters
         .unmatched_replies
         .store(decode.unmatched_replies, Ordering::Relaxed);
+    counters
+        .not_resp
+        .store(decode.not_resp + streams.not_resp, Ordering::Relaxed);
+    counters
+        .replicated_commands
+        .store(decode.replicated_commands, Ordering::Relaxed);
+    counters
+        .replicated_bytes
+        .store(decode.replicated_bytes, Ordering::Relaxed);
+    counters
+        .mid_stream_skipped_bytes
+        .store(decode.mid_stream_skipped_bytes, Ordering::Relaxed);
+}
+
+/// An emptied batch buffer, on the same allocation, for records of another batch (in-place
+/// collection keeps the allocation: the element types differ only in lifetime).
+#[expect(
+    clippy::unnecessary_filter_map,
+    reason = "the closure changes the element type's lifetime, which a filter cannot"
+)]
+fn recycle_records<'b>(mut records: Vec<Record<'_>>) -> Vec<Record<'b>> {
+    records.clear();
+    records.into_iter().filter_map(|_| None).collect()
+}
+
+/// Like [`recycle_records`], for stream events.
+#[expect(
+    clippy::unnecessary_filter_map,
+    reason = "the closure changes the element type's lifetime, which a filter cannot"
+)]
+fn recycle_events<'b>(mut events: Vec<StreamEvent<'_>>) -> Vec<StreamEvent<'b>> {
+    events.clear();
+    events.into_iter().filter_map(|_| None).collect()
 }
 
 /// CLOCK_MONOTONIC in nanoseconds: the clock of `bpf_ktime_get_ns`.

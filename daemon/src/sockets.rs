@@ -1,85 +1,170 @@
-//! Socket addresses of a connection, from `/proc/<pid>/fd` and `/proc/<pid>/net/*`.
+//! Connection addresses, and the owner of a socket the kernel could not attribute.
+//!
+//! The kernel names a connection's process at connect() or listen() (accepted sockets inherit
+//! their listener's). Sockets that connected or listened before the daemon started have no
+//! owner there; for those, the process is found once in `/proc`: the socket's inode in its
+//! network namespace's TCP table, then the process of the socket's cgroup that holds it (for an
+//! accepted socket not yet accepted by the application: the one that holds the listener). That
+//! needs to read other processes' `/proc/<pid>/fd`: root of the same user namespace, or
+//! CAP_SYS_PTRACE; without it, such connections keep their cgroup (container, pod) and pid 0.
 use std::{
     collections::HashMap,
     fmt, fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
 };
 
-use respwatch_common::PeerAddr;
+use crate::capture::Opener;
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum SocketAddrs {
-    Tcp { local: SocketAddr, peer: SocketAddr },
-    Unix { path: String },
+/// The two ends of a TCP connection, seen from the traced socket.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SocketAddrs {
+    pub local: SocketAddr,
+    pub peer: SocketAddr,
 }
 
 impl SocketAddrs {
-    /// `None` when unknown (Unix sockets; a connection gone before `/proc` could show it).
     pub fn local_port(&self) -> Option<u16> {
-        match self {
-            SocketAddrs::Tcp { local, .. } => Some(local.port()).filter(|port| *port != 0),
-            SocketAddrs::Unix { .. } => None,
-        }
+        Some(self.local.port()).filter(|port| *port != 0)
     }
 
     pub fn peer(&self) -> Option<SocketAddr> {
-        match self {
-            SocketAddrs::Tcp { peer, .. } => Some(*peer),
-            SocketAddrs::Unix { .. } => None,
-        }
+        Some(self.peer)
     }
 }
 
 impl fmt::Display for SocketAddrs {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            SocketAddrs::Tcp { local, peer } => write!(f, "{local}->{peer}"),
-            SocketAddrs::Unix { path } if path.is_empty() => write!(f, "unix"),
-            SocketAddrs::Unix { path } => write!(f, "unix:{path}"),
+        write!(f, "{}->{}", self.local, self.peer)
+    }
+}
+
+/// `st` of a TCP table line.
+const TCP_LISTEN: u8 = 0x0a;
+
+/// Owners of sockets the kernel could not attribute, found in `/proc`.
+pub struct Owners {
+    cgroup_root: PathBuf,
+    /// Listener owner by (cgroup, local port): every connection a pre-existing listener
+    /// accepts asks the same question.
+    listeners: HashMap<(u64, u16), Option<(u32, String)>>,
+}
+
+impl Owners {
+    pub fn new(cgroup_root: PathBuf) -> Self {
+        Self {
+            cgroup_root,
+            listeners: HashMap::new(),
+        }
+    }
+
+    /// The pid and comm of the process that holds the socket `local`→`remote` of cgroup
+    /// `cgroup_id` (whose path, relative to the cgroup root, is `cgroup_path` when known).
+    pub fn find(
+        &mut self,
+        cgroup_id: u64,
+        cgroup_path: Option<&str>,
+        local: SocketAddr,
+        remote: SocketAddr,
+        opener: Option<Opener>,
+    ) -> Option<(u32, String)> {
+        if opener == Some(Opener::Passive)
+            && let Some(known) = self.listeners.get(&(cgroup_id, local.port()))
+            && known
+                .as_ref()
+                .is_none_or(|(pid, _)| crate::enrich::process_alive(*pid))
+        {
+            return known.clone();
+        }
+        let pids = self.candidates(cgroup_path);
+        let mut tables: HashMap<u64, Vec<TcpSocket>> = HashMap::new();
+        for pid in &pids {
+            if let Some(netns) = link_inode(&format!("/proc/{pid}/ns/net"), "net:[") {
+                tables.entry(netns).or_insert_with(|| read_tcp_tables(*pid));
+            }
+        }
+        let sockets: Vec<&TcpSocket> = tables.values().flatten().collect();
+        let connection = sockets
+            .iter()
+            .find(|s| s.state != TCP_LISTEN && same(s.local, local) && same(s.peer, remote))
+            .map(|s| s.inode);
+        let listener = sockets
+            .iter()
+            .find(|s| s.state == TCP_LISTEN && s.local.port() == local.port())
+            .map(|s| s.inode);
+        let owner_of = |inode: Option<u64>| {
+            let inode = inode?;
+            let target = format!("socket:[{inode}]");
+            pids.iter()
+                .find(|pid| holds(**pid, &target))
+                .map(|pid| (*pid, comm_of(*pid)))
+        };
+        if let Some(owner) = owner_of(connection) {
+            return Some(owner);
+        }
+        let owner = owner_of(listener);
+        if owner.is_none() {
+            tracing::debug!(
+                %local,
+                %remote,
+                candidates = pids.len(),
+                connection,
+                listener,
+                "no process found holding a socket older than the daemon"
+            );
+        }
+        if opener == Some(Opener::Passive) {
+            self.listeners
+                .insert((cgroup_id, local.port()), owner.clone());
+        }
+        owner
+    }
+
+    /// The processes of the socket's cgroup, or every process when the cgroup is unknown.
+    fn candidates(&self, cgroup_path: Option<&str>) -> Vec<u32> {
+        let from_cgroup = cgroup_path.and_then(|path| {
+            let procs = self
+                .cgroup_root
+                .join(path.trim_start_matches('/'))
+                .join("cgroup.procs");
+            fs::read_to_string(procs).ok()
+        });
+        match from_cgroup {
+            Some(text) => text
+                .lines()
+                .filter_map(|line| line.trim().parse().ok())
+                .collect(),
+            None => fs::read_dir("/proc")
+                .map(|entries| {
+                    entries
+                        .flatten()
+                        .filter_map(|entry| entry.file_name().to_str()?.parse().ok())
+                        .collect()
+                })
+                .unwrap_or_default(),
         }
     }
 }
 
-/// The socket tables of each network namespace, read at most once per batch of records.
-/// Reading `/proc/<pid>/net/tcp` walks the namespace's whole connection table, so a burst of
-/// new connections (a client pool connecting) must not read it once per connection. Every
-/// socket of a batch existed before the batch was drained, so one read per batch sees them all.
-#[derive(Default)]
-pub struct SocketTables {
-    by_netns: HashMap<u64, HashMap<u64, SocketAddrs>>,
+/// Whether one of `pid`'s file descriptors is `target` (`socket:[inode]`).
+fn holds(pid: u32, target: &str) -> bool {
+    let Ok(fds) = fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| fs::read_link(fd.path()).is_ok_and(|link| link.as_os_str() == target))
 }
 
-impl SocketTables {
-    /// Forgets what was read: the next batch reads the tables afresh.
-    pub fn clear(&mut self) {
-        self.by_netns.clear();
-    }
+fn comm_of(pid: u32) -> String {
+    fs::read_to_string(format!("/proc/{pid}/comm"))
+        .map(|comm| comm.trim_end().to_owned())
+        .unwrap_or_default()
+}
 
-    /// The connection's addresses. The peer the kernel saw at connect/accept is authoritative;
-    /// the local address comes from `/proc`, and only when `/proc` still shows that same peer
-    /// on this fd (by the time the daemon looks, the fd may already be a newer connection).
-    pub fn resolve(&mut self, tgid: u32, fd: i32, kernel_peer: &PeerAddr) -> Option<SocketAddrs> {
-        let from_proc = self.lookup_proc(tgid, fd);
-        let Some(peer) = peer_addr(kernel_peer) else {
-            return from_proc;
-        };
-        let local = match from_proc {
-            Some(SocketAddrs::Tcp { local, peer: seen }) if same_endpoint(seen, peer) => local,
-            _ => SocketAddr::new(unspecified_like(peer.ip()), 0),
-        };
-        Some(SocketAddrs::Tcp { local, peer })
-    }
-
-    /// Looks the socket up by its inode in the process's network namespace tables.
-    fn lookup_proc(&mut self, tgid: u32, fd: i32) -> Option<SocketAddrs> {
-        let inode = link_inode(&format!("/proc/{tgid}/fd/{fd}"), "socket:[")?;
-        let netns = link_inode(&format!("/proc/{tgid}/ns/net"), "net:[")?;
-        self.by_netns
-            .entry(netns)
-            .or_insert_with(|| read_tables(tgid))
-            .get(&inode)
-            .cloned()
-    }
+/// Addresses equal, or both loopback addresses of the same port (a socket bound to 127.0.0.1
+/// shows it; a packet to it may carry 127.0.0.1 or ::ffff:127.0.0.1).
+fn same(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_loopback() && b.ip().is_loopback())
 }
 
 /// The inode in a `/proc` link such as `socket:[1234]` or `net:[4026531840]`.
@@ -93,71 +178,35 @@ fn link_inode(path: &str, prefix: &str) -> Option<u64> {
         .ok()
 }
 
-/// Every TCP and Unix socket of the process's network namespace, by inode.
-fn read_tables(tgid: u32) -> HashMap<u64, SocketAddrs> {
-    let mut sockets = HashMap::new();
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct TcpSocket {
+    local: SocketAddr,
+    peer: SocketAddr,
+    state: u8,
+    inode: u64,
+}
+
+/// Every TCP socket of the process's network namespace.
+fn read_tcp_tables(pid: u32) -> Vec<TcpSocket> {
+    let mut sockets = Vec::new();
     for table in ["tcp", "tcp6"] {
-        if let Ok(text) = fs::read_to_string(format!("/proc/{tgid}/net/{table}")) {
+        if let Ok(text) = fs::read_to_string(format!("/proc/{pid}/net/{table}")) {
             sockets.extend(tcp_sockets(&text));
         }
-    }
-    if let Ok(text) = fs::read_to_string(format!("/proc/{tgid}/net/unix")) {
-        sockets.extend(unix_sockets(&text));
     }
     sockets
 }
 
-fn peer_addr(peer: &PeerAddr) -> Option<SocketAddr> {
-    let ip = match peer.family {
-        PeerAddr::AF_INET => IpAddr::V4(Ipv4Addr::new(
-            peer.addr[0],
-            peer.addr[1],
-            peer.addr[2],
-            peer.addr[3],
-        )),
-        PeerAddr::AF_INET6 => {
-            let v6 = Ipv6Addr::from(peer.addr);
-            v6.to_ipv4_mapped()
-                .map(IpAddr::V4)
-                .unwrap_or(IpAddr::V6(v6))
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, peer.port))
-}
-
-fn same_endpoint(a: SocketAddr, b: SocketAddr) -> bool {
-    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_loopback() && b.ip().is_loopback())
-}
-
-fn unspecified_like(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::UNSPECIFIED),
-        IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::UNSPECIFIED),
-    }
-}
-
-/// The sockets in the text of `/proc/net/tcp` or `/proc/net/tcp6`, by inode.
-fn tcp_sockets(table: &str) -> impl Iterator<Item = (u64, SocketAddrs)> + '_ {
+/// The sockets in the text of `/proc/net/tcp` or `/proc/net/tcp6`.
+fn tcp_sockets(table: &str) -> impl Iterator<Item = TcpSocket> + '_ {
     table.lines().skip(1).filter_map(|line| {
         let fields: Vec<&str> = line.split_whitespace().collect();
-        let inode = fields.get(9)?.parse::<u64>().ok()?;
-        let addrs = SocketAddrs::Tcp {
+        Some(TcpSocket {
             local: parse_hex_addr(fields.get(1)?)?,
             peer: parse_hex_addr(fields.get(2)?)?,
-        };
-        Some((inode, addrs))
-    })
-}
-
-/// The sockets in the text of `/proc/net/unix`, by inode; the path is that of the listening
-/// side.
-fn unix_sockets(table: &str) -> impl Iterator<Item = (u64, SocketAddrs)> + '_ {
-    table.lines().skip(1).filter_map(|line| {
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let inode = fields.get(6)?.parse::<u64>().ok()?;
-        let path = fields.get(7).map(|p| (*p).to_owned()).unwrap_or_default();
-        Some((inode, SocketAddrs::Unix { path }))
+            state: u8::from_str_radix(fields.get(3)?, 16).ok()?,
+            inode: fields.get(9)?.parse().ok()?,
+        })
     })
 }
 
@@ -195,32 +244,25 @@ mod tests {
 ";
 
     #[test]
-    fn finds_tcp_connection_by_inode() {
-        let sockets: HashMap<_, _> = tcp_sockets(TCP).collect();
-        let found = sockets[&31337].clone();
+    fn reads_connections_and_listeners_of_a_tcp_table() {
+        let sockets: Vec<TcpSocket> = tcp_sockets(TCP).collect();
         assert_eq!(
-            found,
-            SocketAddrs::Tcp {
-                local: "127.0.0.1:6379".parse().unwrap(),
-                peer: "127.0.0.1:54514".parse().unwrap()
-            }
+            sockets,
+            [
+                TcpSocket {
+                    local: "127.0.0.1:6379".parse().unwrap(),
+                    peer: "0.0.0.0:0".parse().unwrap(),
+                    state: TCP_LISTEN,
+                    inode: 25816
+                },
+                TcpSocket {
+                    local: "127.0.0.1:6379".parse().unwrap(),
+                    peer: "127.0.0.1:54514".parse().unwrap(),
+                    state: 1,
+                    inode: 31337
+                }
+            ]
         );
-        assert_eq!(sockets.get(&4242), None);
-    }
-
-    #[test]
-    fn kernel_peer_wins_over_a_reused_fd() {
-        let peer = PeerAddr {
-            family: PeerAddr::AF_INET,
-            port: 6379,
-            addr: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-        };
-        assert_eq!(peer_addr(&peer), Some("127.0.0.1:6379".parse().unwrap()));
-        // No such process: the peer still stands, the local side is unknown.
-        let resolved = SocketTables::default().resolve(u32::MAX, 3, &peer).unwrap();
-        assert_eq!(resolved.peer(), Some("127.0.0.1:6379".parse().unwrap()));
-        assert_eq!(resolved.local_port(), None);
-        assert_eq!(peer_addr(&PeerAddr::UNKNOWN), None);
     }
 
     #[test]
@@ -237,23 +279,18 @@ mod tests {
     }
 
     #[test]
-    fn finds_unix_socket_path() {
-        let table = "Num       RefCount Protocol Flags    Type St Inode Path
-0000000000000000: 00000002 00000000 00010000 0001 01 4242 /run/redis.sock
-0000000000000000: 00000003 00000000 00000000 0001 03 4243
-";
-        let sockets: HashMap<_, _> = unix_sockets(table).collect();
-        assert_eq!(
-            sockets.get(&4242).cloned(),
-            Some(SocketAddrs::Unix {
-                path: "/run/redis.sock".into()
-            })
+    fn finds_the_owner_of_its_own_socket() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (_server, _) = listener.accept().unwrap();
+        let mut owners = Owners::new(PathBuf::from("/nonexistent"));
+        let found = owners.find(
+            0,
+            None,
+            client.local_addr().unwrap(),
+            client.peer_addr().unwrap(),
+            None,
         );
-        assert_eq!(
-            sockets.get(&4243).cloned(),
-            Some(SocketAddrs::Unix {
-                path: String::new()
-            })
-        );
+        assert_eq!(found.map(|(pid, _)| pid), Some(std::process::id()));
     }
 }

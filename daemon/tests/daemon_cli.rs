@@ -1,7 +1,10 @@
-//! The `respwatchd` binary as a user runs it: it starts, attaches, detaches on SIGTERM/SIGINT
-//! leaving no program behind, and refuses clearly when it lacks privileges, tracefs, kernel
-//! features, or sane flags.
+//! The `respwatchd` binary as a user runs it: it attaches to the cgroup v2 root with links, next
+//! to other agents' programs, detaches on SIGTERM/SIGINT (and the kernel detaches it on
+//! SIGKILL) leaving no program behind, and refuses clearly when it lacks privileges, cgroup v2,
+//! or sane flags.
+mod kernel;
 mod ports;
+mod redis;
 use ports::free_port;
 use std::{
     io::{BufRead, BufReader},
@@ -11,37 +14,18 @@ use std::{
 };
 
 const DAEMON: &str = env!("CARGO_BIN_EXE_respwatchd");
-/// Program names as `bpftool prog` shows them (the kernel keeps 15 characters).
-const OUR_PROGRAMS: &[&str] = &[
-    "sys_exit_io",
-    "sys_enter_close",
-    "sys_exit_new_so",
-    "sys_enter_conne",
-];
 
 fn daemon() -> Command {
+    daemon_at(free_port())
+}
+
+fn daemon_at(metrics_port: u16) -> Command {
     let mut command = Command::new(DAEMON);
     command
         .args(["--grpc-listen", &format!("127.0.0.1:{}", free_port())])
-        .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .env("RESPWATCH_LOG", "info");
     command
-}
-
-/// Ids of the programs named like ours that are loaded right now (other daemons, e.g. another
-/// test run, may load and unload theirs meanwhile: tests compare sets of ids, not counts).
-fn our_program_ids() -> std::collections::BTreeSet<u32> {
-    let out = Command::new("bpftool")
-        .args(["prog", "show"])
-        .output()
-        .expect("bpftool");
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|line| {
-            line.contains("tracepoint") && OUR_PROGRAMS.iter().any(|name| line.contains(name))
-        })
-        .filter_map(|line| line.split(':').next()?.trim().parse().ok())
-        .collect()
 }
 
 /// Tests that attach programs take turns, so one can tell its programs from the other's.
@@ -96,49 +80,182 @@ fn wait_bounded(mut child: Child) -> std::process::ExitStatus {
     panic!("respwatchd did not exit within 15 s of the signal");
 }
 
-/// One test for both signals: two daemons at once would confuse the program count. The SIGINT
-/// run starts where tracefs is not mounted, as on a fresh machine: the daemon mounts it.
+/// What the kernel shows while the daemon runs: its three programs on the cgroup v2 root, each
+/// through a bpf_link, and no syscall tracepoint, raw tracepoint or kprobe program of any kind
+/// loaded with them. After SIGTERM, SIGINT or SIGKILL none of them is left: the links are file
+/// descriptors of the daemon, never pinned, so the kernel detaches them when it dies.
 #[test]
-fn detaches_everything_on_sigterm_and_sigint() {
+fn attaches_packet_and_socket_hooks_only_and_leaves_nothing_after_any_signal() {
     let _turn = one_daemon_at_a_time();
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        let before = our_program_ids();
-        let command = if sig == libc::SIGTERM {
-            daemon()
-        } else {
-            in_mount_namespace(
-                "umount /sys/kernel/tracing && ! mountpoint -q /sys/kernel/tracing",
-                "",
-            )
-        };
-        let (child, log) = start(command);
-        if sig == libc::SIGINT {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGKILL] {
+        let before = kernel::our_program_ids();
+        let tracing_before = kernel::tracing_program_ids();
+        let (child, _log) = start(daemon());
+        let ours: Vec<u64> = kernel::our_program_ids()
+            .difference(&before)
+            .copied()
+            .collect();
+        assert_eq!(ours.len(), 3, "programs loaded: {ours:?}");
+        let attached: Vec<String> = kernel::root_attachments()
+            .into_iter()
+            .filter(|(id, _)| ours.contains(id))
+            .map(|(_, attach_type)| attach_type)
+            .collect();
+        for attach_type in [
+            "cgroup_inet_ingress",
+            "cgroup_inet_egress",
+            "cgroup_sock_ops",
+        ] {
             assert!(
-                log.iter()
-                    .any(|l| l.contains("tracefs is not mounted; mounting it")),
-                "{log:?}"
+                attached.iter().any(|a| a == attach_type),
+                "{attach_type} not on the cgroup v2 root: {attached:?}"
             );
         }
-        let ours: Vec<u32> = our_program_ids().difference(&before).copied().collect();
+        let links = kernel::cgroup_link_program_ids();
         assert!(
-            ours.len() >= OUR_PROGRAMS.len(),
-            "programs not attached: {ours:?}"
+            ours.iter().all(|id| links.contains(id)),
+            "attached without bpf_links: {ours:?} vs {links:?}"
+        );
+        let new_tracing: Vec<u64> = kernel::tracing_program_ids()
+            .difference(&tracing_before)
+            .copied()
+            .collect();
+        assert!(
+            new_tracing.is_empty(),
+            "tracing programs appeared: {new_tracing:?}"
         );
         signal(&child, sig);
         let status = wait_bounded(child);
-        assert!(
-            status.success(),
-            "exit status after signal {sig}: {status:?}"
-        );
-        let left: Vec<u32> = our_program_ids()
+        if sig != libc::SIGKILL {
+            assert!(
+                status.success(),
+                "exit status after signal {sig}: {status:?}"
+            );
+        }
+        let left: Vec<u64> = kernel::our_program_ids()
             .into_iter()
             .filter(|id| ours.contains(id))
             .collect();
         assert!(
             left.is_empty(),
-            "programs {left:?} left attached after signal {sig}"
+            "programs {left:?} left loaded after signal {sig}"
+        );
+        assert!(
+            !kernel::root_attachments()
+                .iter()
+                .any(|(id, _)| ours.contains(id)),
+            "programs left attached after signal {sig}"
         );
     }
+}
+
+/// Another agent's programs on the same cgroup (here: another respwatchd, attached first) keep
+/// running when ours go, whichever way ours go.
+#[test]
+fn another_agents_programs_keep_running_after_ours_detach() {
+    let _turn = one_daemon_at_a_time();
+    let server = redis::RedisServer::start(&[]);
+    let other_metrics = free_port();
+    let (other, _) = start(daemon_at(other_metrics));
+    let others: std::collections::BTreeSet<u64> = kernel::our_program_ids();
+    let records = || -> u64 {
+        let text = http_get(other_metrics, "/metrics");
+        text.lines()
+            .find_map(|line| line.strip_prefix("respwatch_records_total "))
+            .and_then(|value| value.trim().parse().ok())
+            .expect("respwatch_records_total")
+    };
+    for sig in [libc::SIGTERM, libc::SIGKILL] {
+        let (ours, _) = start(daemon());
+        signal(&ours, sig);
+        wait_bounded(ours);
+        let attached: Vec<u64> = kernel::root_attachments()
+            .into_iter()
+            .map(|(id, _)| id)
+            .collect();
+        assert!(
+            others.iter().all(|id| attached.contains(id)),
+            "the other agent's programs were detached with ours ({sig})"
+        );
+        let before = records();
+        assert_eq!(server.cli(&["PING"]).stdout, b"PONG\n");
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while records() < before + 4 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the other agent stopped capturing after ours went ({sig})"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    signal(&other, libc::SIGTERM);
+    assert!(wait_bounded(other).success());
+}
+
+fn http_get(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream =
+        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    .expect("request");
+    let mut body = String::new();
+    stream.read_to_string(&mut body).expect("response");
+    body
+}
+
+/// TCP retransmissions on the node (`RetransSegs` of /proc/net/snmp).
+fn retransmitted_segments() -> u64 {
+    let snmp = std::fs::read_to_string("/proc/net/snmp").expect("snmp");
+    let mut tcp = snmp.lines().filter(|line| line.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().expect("names"), tcp.next().expect("values"));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RetransSegs")
+        .and_then(|(_, value)| value.parse().ok())
+        .expect("RetransSegs")
+}
+
+/// With the ring as small as it gets, the programs fail to deliver most records, and still never
+/// drop or delay a packet: TCP retransmits no more than in the same run without the daemon.
+#[test]
+fn a_full_ring_drops_no_packet() {
+    let _turn = one_daemon_at_a_time();
+    let server = redis::RedisServer::start(&[]);
+    let workload = || {
+        let before = retransmitted_segments();
+        server.benchmark(&["-c", "20", "-n", "50000", "-P", "16", "-t", "set,get"]);
+        server.benchmark(&["-c", "4", "-n", "200", "-d", "100000", "-t", "set,get"]);
+        retransmitted_segments() - before
+    };
+    let without = workload();
+    let metrics = free_port();
+    let mut command = daemon_at(metrics);
+    command.args(["--ring-bytes", "8192"]);
+    let (daemon, _) = start(command);
+    let with = workload();
+    std::thread::sleep(Duration::from_millis(1500)); // the kernel counters are read every second
+    let ring_full: u64 = http_get(metrics, "/metrics")
+        .lines()
+        .find_map(|line| {
+            line.strip_prefix(r#"respwatch_lost_total{source="ring_buffer",reason="ring_full"} "#)
+        })
+        .and_then(|value| value.trim().parse().ok())
+        .expect("ring_full losses");
+    signal(&daemon, libc::SIGTERM);
+    assert!(wait_bounded(daemon).success());
+    eprintln!(
+        "retransmitted segments: {without} without the daemon, {with} with an 8 KiB ring \
+         ({ring_full} records lost)"
+    );
+    assert!(
+        ring_full > 0,
+        "an 8 KiB ring kept up: the test proved nothing"
+    );
+    assert!(with <= without, "{with} retransmissions, {without} without");
 }
 
 fn run_to_failure(command: &mut Command) -> String {
@@ -150,8 +267,30 @@ fn run_to_failure(command: &mut Command) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `setpriv` as root with only `caps` in the bounding set: the daemon's effective set is
+/// exactly them (what a container with `capabilities: add: [...]` gives).
+fn with_capabilities(caps: &[&str]) -> Command {
+    with_capabilities_at(caps, free_port())
+}
+
+fn with_capabilities_at(caps: &[&str], metrics_port: u16) -> Command {
+    let mut bounding = String::from("-all");
+    for cap in caps {
+        bounding.push_str(&format!(",+{cap}"));
+    }
+    let mut command = Command::new("setpriv");
+    command.args(["--inh-caps=-all", &format!("--bounding-set={bounding}")]);
+    command.arg(DAEMON).args([
+        "--grpc-listen",
+        &format!("127.0.0.1:{}", free_port()),
+        "--metrics-listen",
+        &format!("127.0.0.1:{metrics_port}"),
+    ]);
+    command
+}
+
 #[test]
-fn refuses_without_privileges() {
+fn refuses_without_privileges_and_names_what_is_missing() {
     let mut command = Command::new("setpriv");
     command.args([
         "--reuid=65534",
@@ -167,10 +306,67 @@ fn refuses_without_privileges() {
         "127.0.0.1:1",
     ]);
     let stderr = run_to_failure(&mut command);
-    assert!(
-        stderr.contains("needs root, or the capabilities CAP_BPF and CAP_PERFMON"),
-        "{stderr}"
+    for cap in ["CAP_BPF", "CAP_PERFMON", "CAP_NET_ADMIN"] {
+        assert!(stderr.contains(cap), "{cap} not named: {stderr}");
+    }
+    // Each one missing from the set it needs is named alone.
+    let needed = ["bpf", "perfmon", "net_admin"];
+    for missing in needed {
+        let others: Vec<&str> = needed.iter().copied().filter(|c| *c != missing).collect();
+        let stderr = run_to_failure(&mut with_capabilities(&others));
+        let named = format!("CAP_{}", missing.to_ascii_uppercase());
+        assert!(stderr.contains(&named), "{named} not named: {stderr}");
+    }
+}
+
+/// Exactly CAP_BPF, CAP_PERFMON and CAP_NET_ADMIN (the DaemonSet's list) are enough: the daemon
+/// attaches and captures.
+#[test]
+fn runs_with_exactly_its_capabilities() {
+    let _turn = one_daemon_at_a_time();
+    let server = redis::RedisServer::start(&[]);
+    let metrics = free_port();
+    let (child, _) = start(with_capabilities_at(
+        &["bpf", "perfmon", "net_admin"],
+        metrics,
+    ));
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).expect("status");
+    let effective = status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .map(|hex| u64::from_str_radix(hex.trim(), 16).expect("hex"))
+        .expect("CapEff");
+    assert_eq!(
+        effective,
+        (1 << 39) | (1 << 38) | (1 << 12),
+        "effective capabilities"
     );
+    for _ in 0..3 {
+        assert_eq!(server.cli(&["SET", "k", "v"]).stdout, b"OK\n");
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let text = http_get(metrics, "/metrics");
+        let sets = text
+            .lines()
+            .filter(|line| {
+                line.starts_with("respwatch_commands_total{")
+                    && line.contains("role=\"server\"")
+                    && line.contains("command=\"set\"")
+            })
+            .filter_map(|line| line.rsplit_once(' ')?.1.parse::<f64>().ok())
+            .sum::<f64>();
+        if sets == 3.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "3 SETs not counted with exactly the DaemonSet's capabilities: {sets}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    signal(&child, libc::SIGTERM);
+    assert!(wait_bounded(child).success());
 }
 
 /// Runs the daemon in a private mount namespace after `setup` (a shell snippet) changed it.
@@ -185,31 +381,30 @@ fn in_mount_namespace(setup: &str, extra: &str) -> Command {
 }
 
 #[test]
-fn explains_a_tracefs_it_cannot_mount() {
-    // /sys/kernel hidden under an empty tmpfs: no tracefs, and no directory to mount it on.
+fn explains_a_missing_cgroup_v2_hierarchy() {
+    // Every cgroup2 mount hidden, as on a host with cgroup v1 only.
+    let root = kernel::cgroup2_root();
     let stderr = run_to_failure(&mut in_mount_namespace(
-        "umount -l /sys/kernel/tracing 2>/dev/null; mount -t tmpfs none /sys/kernel",
+        &format!(
+            "umount -l {} && ! grep -q ' - cgroup2 ' /proc/self/mountinfo",
+            root.display()
+        ),
         "",
     ));
     assert!(
-        stderr.contains("tracefs is not mounted at /sys/kernel/tracing"),
+        stderr.contains("no cgroup v2 file system is mounted"),
         "{stderr}"
     );
-    assert!(
-        stderr.contains("mount -t tracefs tracefs /sys/kernel/tracing"),
-        "{stderr}"
-    );
+    assert!(stderr.contains("--cgroup-root"), "{stderr}");
 }
 
 #[test]
-fn explains_missing_syscall_tracepoints() {
-    // A tracefs without syscall events: what a kernel without CONFIG_FTRACE_SYSCALLS shows.
-    let stderr = run_to_failure(&mut in_mount_namespace(
-        "mount -t tmpfs none /sys/kernel/tracing && mkdir /sys/kernel/tracing/events",
-        "",
-    ));
-    assert!(stderr.contains("no syscall tracepoints"), "{stderr}");
-    assert!(stderr.contains("CONFIG_FTRACE_SYSCALLS"), "{stderr}");
+fn explains_a_cgroup_root_that_is_no_cgroup() {
+    let stderr = run_to_failure(daemon().args(["--cgroup-root", "/proc"]));
+    assert!(stderr.contains("attaching"), "{stderr}");
+    assert!(stderr.contains("/proc"), "{stderr}");
+    let stderr = run_to_failure(daemon().args(["--cgroup-root", "/no/such/dir"]));
+    assert!(stderr.contains("cgroup root /no/such/dir"), "{stderr}");
 }
 
 #[test]

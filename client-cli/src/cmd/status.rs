@@ -72,6 +72,17 @@ pub async fn run(server: &ServerArgs, args: StatusArgs) -> anyhow::Result<()> {
             let _ = writeln!(text, "stats rows:          {}", status.stats_rows);
             let _ = writeln!(text, "kubernetes:          {}", status.kubernetes_sync);
             let _ = writeln!(text, "lost bytes:          {}", status.lost_bytes);
+            let _ = writeln!(text, "duplicate bytes:     {}", status.duplicate_bytes);
+            let _ = writeln!(
+                text,
+                "replicated:          {} commands ({} bytes)",
+                status.replicated_commands, status.replicated_bytes
+            );
+            let _ = writeln!(
+                text,
+                "not RESP, dropped:   {} connections",
+                status.not_resp_connections
+            );
             let _ = writeln!(text, "losses:");
             for loss in &status.losses {
                 let _ = writeln!(
@@ -106,6 +117,10 @@ fn status_json(status: &v1::GetStatusResponse) -> serde_json::Value {
         "bytes": status.bytes,
         "events": status.events,
         "lost_bytes": status.lost_bytes,
+        "duplicate_bytes": status.duplicate_bytes,
+        "replicated_commands": status.replicated_commands,
+        "replicated_bytes": status.replicated_bytes,
+        "not_resp_connections": status.not_resp_connections,
         "losses": losses,
         "tracked_connections": status.tracked_connections,
         "subscribers": status.subscribers,

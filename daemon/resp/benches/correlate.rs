@@ -2,7 +2,7 @@
 //! scheduler in the way (the end-to-end `benches/overhead.sh` cannot resolve a change of a few
 //! percent on a noisy machine; this can).
 //!
-//! Streams shaped like `redis-benchmark -t set,get` (16-byte keys, 3-byte values), one syscall
+//! Streams shaped like `redis-benchmark -t set,get` (16-byte keys, 3-byte values), one packet
 //! per command (`-P 1`) or per 16 (`-P 16`), are fed through a server-side and a client-side
 //! [`Correlator`], as the daemon does for a client and a server on one node. The baseline,
 //! measured in the same run, is one pass over the same bytes looking for line ends: the least

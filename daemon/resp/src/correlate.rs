@@ -221,6 +221,19 @@ pub enum Output {
         /// Bytes on the wire.
         bytes: u64,
     },
+    /// Replication traffic from a master to a replica after `PSYNC`: the snapshot, and the
+    /// commands it propagates (`command` names them). Neither is a request of this connection:
+    /// the master runs none of them, and a replica's own stats count them as replicated.
+    Replication {
+        /// Role of the traced process (server: the master; client: the replica).
+        role: Role,
+        /// The propagated command's stats name; `None` for the snapshot.
+        command: Option<Cow<'static, str>>,
+        /// Bytes on the wire.
+        bytes: u64,
+        /// When it was written (master) or read (replica).
+        ts_ns: u64,
+    },
     /// Frames dropped because the connection's role could not be determined in time.
     RoleUnknown {
         /// Direction they arrived on.
@@ -312,6 +325,9 @@ pub struct Correlator {
     monitor: bool,
     /// Pairing was lost: replies completed before the head request was sent are orphans.
     unsynced: bool,
+    /// A replica's link to its master after `PSYNC` was accepted: the master's side carries the
+    /// replication stream, and the replica's commands (`REPLCONF ACK`) get no reply.
+    replication: bool,
     decoded: Vec<Decoded>,
 }
 
@@ -373,6 +389,7 @@ impl Correlator {
             subscribed: false,
             monitor: false,
             unsynced: false,
+            replication: false,
             decoded: Vec::new(),
         }
     }
@@ -409,6 +426,23 @@ impl Correlator {
     ) {
         let mut decoded = std::mem::take(&mut self.decoded);
         self.decoder(dir).feed(copied, uncopied, &mut decoded);
+        self.handle(dir, ts_ns, &mut decoded, out);
+        self.decoded = decoded;
+    }
+
+    /// Like [`Correlator::feed`], for bytes that continue a chunk rather than start one (see
+    /// [`Decoder::feed_continuation`]).
+    pub fn feed_continuation(
+        &mut self,
+        dir: Direction,
+        ts_ns: u64,
+        copied: &[u8],
+        uncopied: u64,
+        out: &mut Vec<Output>,
+    ) {
+        let mut decoded = std::mem::take(&mut self.decoded);
+        self.decoder(dir)
+            .feed_continuation(copied, uncopied, &mut decoded);
         self.handle(dir, ts_ns, &mut decoded, out);
         self.decoded = decoded;
     }
@@ -570,6 +604,9 @@ impl Correlator {
             },
             _ => Expect::Reply,
         };
+        if self.replication {
+            expect = Expect::NoReply;
+        }
         match self.reply_mode {
             ReplyMode::On => {}
             ReplyMode::Off => expect = Expect::NoReply,
@@ -667,6 +704,25 @@ impl Correlator {
         )));
     }
 
+    /// A frame of the replication stream: the snapshot, a propagated command, or the keepalive
+    /// newlines (decoded as empty inline lines, which are no frames).
+    fn replicated(&self, role: Role, ts: u64, frame: &Frame, out: &mut Vec<Output>) {
+        let command = frame.is_command().then(|| {
+            let mut kept: [&[u8]; MAX_KEPT_ELEMENTS] = [&[]; MAX_KEPT_ELEMENTS];
+            for (arg, item) in kept.iter_mut().zip(&frame.items) {
+                *arg = item.text.as_deref().unwrap_or_default();
+            }
+            let args = &kept[..frame.items.len().min(MAX_KEPT_ELEMENTS)];
+            command::identify(args, frame.len).name
+        });
+        out.push(Output::Replication {
+            role,
+            command,
+            bytes: frame.wire_len,
+            ts_ns: ts,
+        });
+    }
+
     fn push(&self, role: Role, kind: PushKind, frame: &Frame, ts: u64, out: &mut Vec<Output>) {
         let channel = match kind {
             PushKind::Message | PushKind::SMessage => frame.arg(1).map(<[u8]>::to_vec),
@@ -699,6 +755,10 @@ impl Correlator {
             return;
         }
         self.flush_no_reply(role, out);
+        if self.replication {
+            self.replicated(role, ts, &frame, out);
+            return;
+        }
         let confirmation = if frame.kind == Kind::Push || (frame.kind == Kind::Array && !self.resp3)
         {
             confirmation_kind(&frame)
@@ -858,6 +918,16 @@ impl Correlator {
                 _ => {}
             },
             "monitor" if ok => self.monitor = true,
+            // `+FULLRESYNC …` (a snapshot follows) or `+CONTINUE …`: the link now carries the
+            // replication stream. SYNC's answer is the snapshot itself.
+            "psync" | "sync"
+                if frame.kind == Kind::Snapshot
+                    || frame.text.as_deref().is_some_and(|text| {
+                        text.starts_with(b"FULLRESYNC") || text.starts_with(b"CONTINUE")
+                    }) =>
+            {
+                self.replication = true
+            }
             _ => {}
         }
         let (outcome, counted) = outcome_of(&req, frame);

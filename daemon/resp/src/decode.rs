@@ -9,9 +9,10 @@
 //!
 //! Loss is explicit. When the decoder cannot know where the next message starts (a bad byte,
 //! a header hidden in bytes the kernel did not copy, a ring-buffer gap) it reports a [`Desync`]
-//! and discards input up to the next chunk boundary (the next [`Decoder::feed`]): the capture
-//! layer delivers one chunk per syscall, and a syscall boundary is the only place where a new
-//! message is likely to start. It never guesses a message start in the middle of a chunk.
+//! and discards input up to the next chunk boundary (the next [`Decoder::feed`]) that starts
+//! with a whole RESP line: the capture layer delivers one chunk per packet, and a packet start
+//! is the only place where a new message is likely to start. It never guesses a message start
+//! in the middle of a chunk.
 
 use smallvec::SmallVec;
 use thiserror::Error;
@@ -79,6 +80,10 @@ pub enum Kind {
     Push,
     /// A line not starting with a type byte: Redis' inline command protocol.
     Inline,
+    /// The RDB snapshot a master sends a replica after `+FULLRESYNC`: `$<len>\r\n` and the
+    /// bytes, with no CRLF after them, or (diskless sync) `$EOF:<40-byte mark>\r\n`, the bytes,
+    /// and the mark again.
+    Snapshot,
 }
 
 impl Kind {
@@ -209,6 +214,10 @@ pub enum DesyncReason {
     /// While resynchronising, a chunk that does not start with a plausible message.
     #[error("no message start at chunk boundary")]
     NoMessageStart,
+    /// Bytes skipped while joining a stream mid-way, before its first message start: the
+    /// decoder was never in sync, so no sync was lost.
+    #[error("joining the stream mid-way")]
+    JoiningMidStream,
 }
 
 /// A loss of synchronisation: `skipped_bytes` of the stream were not decoded.
@@ -252,9 +261,17 @@ enum State {
         trailer_left: u8,
         cap: usize,
     },
+    /// Reading the header of a snapshot (`$<len>` or `$EOF:<mark>`), buffered in `line`.
+    SnapshotHeader,
+    /// Scanning a diskless snapshot for its closing mark (`snapshot_mark`); `line` holds the
+    /// last bytes seen, which may begin the mark.
+    SnapshotEof,
     /// Discarding until the next chunk boundary.
     Resync,
 }
+
+/// Length of the mark that delimits a diskless snapshot (`CONFIG_RUN_ID_SIZE`).
+pub const SNAPSHOT_MARK_LEN: usize = 40;
 
 #[derive(Debug, Clone, Copy)]
 struct Agg {
@@ -286,6 +303,11 @@ pub struct Decoder {
     pos: u64,
     /// Stream offset where the message in progress started.
     frame_start: u64,
+    /// A `+FULLRESYNC` reply was decoded: a snapshot comes next (after keepalive newlines).
+    snapshot_next: bool,
+    /// A message start was found at least once (false while joining a stream mid-way).
+    synced: bool,
+    snapshot_mark: [u8; SNAPSHOT_MARK_LEN],
 }
 
 impl Default for Decoder {
@@ -312,6 +334,36 @@ fn is_type_byte(b: u8) -> bool {
             | b'>'
             | b'|'
     )
+}
+
+/// Whether a chunk where the decoder looks for a message after losing its place starts like
+/// one: the whole first line of a RESP value (`*2\r\n`, `$5\r\n`, `+OK\r\n`, `-ERR …\r\n`
+/// …), or as much of it as the chunk holds. Inline commands are not looked for here: a chunk
+/// boundary inside a value of letters would pass for one.
+fn plausible_start(chunk: &[u8]) -> bool {
+    let Some((&first, rest)) = chunk.split_first() else {
+        return false;
+    };
+    let line_end = rest.iter().position(|&b| b == b'\r');
+    let line = &rest[..line_end.unwrap_or(rest.len())];
+    let terminated = match line_end {
+        Some(cr) => rest.get(cr + 1).is_none_or(|&b| b == b'\n'),
+        None => line.len() <= MAX_HEADER_LEN,
+    };
+    let number = |line: &[u8]| {
+        let digits = line.strip_prefix(b"-").unwrap_or(line);
+        !digits.is_empty() && digits.len() <= 20 && digits.iter().all(u8::is_ascii_digit)
+    };
+    let printable = |line: &[u8]| line.iter().all(|b| (0x20..0x7f).contains(b));
+    terminated
+        && match first {
+            b'*' | b'$' | b':' | b'%' | b'~' | b'>' | b'|' | b'=' | b'!' | b'(' => number(line),
+            b'+' | b',' => !line.is_empty() && printable(line),
+            b'-' => line.first().is_some_and(u8::is_ascii_uppercase) && printable(line),
+            b'_' => line.is_empty(),
+            b'#' => line == b"t" || line == b"f",
+            _ => false,
+        }
 }
 
 fn text_kind(b: u8) -> Option<Kind> {
@@ -456,6 +508,9 @@ impl Decoder {
             attributes: 0,
             pos: 0,
             frame_start: 0,
+            snapshot_next: false,
+            synced: true,
+            snapshot_mark: [0; SNAPSHOT_MARK_LEN],
         }
     }
 
@@ -465,6 +520,7 @@ impl Decoder {
     pub fn mid_stream() -> Self {
         Decoder {
             state: State::Resync,
+            synced: false,
             ..Self::new()
         }
     }
@@ -493,17 +549,30 @@ impl Decoder {
     /// `copied` are the bytes captured; `uncopied` more stream bytes followed them that were not
     /// captured (the kernel copies only a bounded window). Appends decoded items to `out`.
     pub fn feed(&mut self, copied: &[u8], uncopied: u64, out: &mut Vec<Decoded>) {
+        self.feed_chunk(copied, uncopied, true, out);
+    }
+
+    /// Like [`Decoder::feed`], for bytes that continue a chunk rather than start one (the rest
+    /// of a packet, or a retransmission trimmed to its new bytes): no message is looked for at
+    /// their start while the decoder is resynchronising.
+    pub fn feed_continuation(&mut self, copied: &[u8], uncopied: u64, out: &mut Vec<Decoded>) {
+        self.feed_chunk(copied, uncopied, false, out);
+    }
+
+    fn feed_chunk(&mut self, copied: &[u8], uncopied: u64, boundary: bool, out: &mut Vec<Decoded>) {
         if let State::Resync = self.state {
-            match copied.first() {
-                Some(&b) if is_type_byte(b) || b.is_ascii_alphabetic() => {
-                    self.state = State::Start;
-                }
-                _ => {
-                    let n = (copied.len() as u64).saturating_add(uncopied);
-                    self.skip_resyncing(n, DesyncReason::NoMessageStart, out);
-                    return;
-                }
+            if !boundary {
+                let n = (copied.len() as u64).saturating_add(uncopied);
+                self.skip_resyncing(n, DesyncReason::NoMessageStart, out);
+                return;
             }
+            if !plausible_start(copied) {
+                let n = (copied.len() as u64).saturating_add(uncopied);
+                self.skip_resyncing(n, DesyncReason::NoMessageStart, out);
+                return;
+            }
+            self.state = State::Start;
+            self.synced = true;
         }
         let chunk_end = self.pos.wrapping_add(copied.len() as u64);
         let mut rest = copied;
@@ -529,15 +598,32 @@ impl Decoder {
     /// A message that starts here and lies wholly in `input`, when it has one of the common
     /// shapes [`whole`] decodes in one pass, in under half the state machine's instructions.
     fn whole_message(&mut self, input: &[u8], out: &mut Vec<Decoded>) -> Option<usize> {
-        if !matches!(self.state, State::Start) || !self.stack.is_empty() || self.attributes > 0 {
+        if !matches!(self.state, State::Start)
+            || !self.stack.is_empty()
+            || self.attributes > 0
+            || self.snapshot_next
+        {
             return None;
         }
         let (mut frame, len) = whole::whole_message(input)?;
         frame.wire_len = len as u64;
         self.advance(len);
         self.frame_start = self.pos;
-        out.push(Decoded::Frame(frame));
+        self.emit(frame, out);
         Some(len)
+    }
+
+    /// Hands a top-level frame on. A master's `+FULLRESYNC` announces a snapshot.
+    fn emit(&mut self, frame: Frame, out: &mut Vec<Decoded>) {
+        if frame.kind == Kind::SimpleString
+            && frame
+                .text
+                .as_deref()
+                .is_some_and(|text| text.starts_with(b"FULLRESYNC"))
+        {
+            self.snapshot_next = true;
+        }
+        out.push(Decoded::Frame(frame));
     }
 
     /// `len` bytes of the stream were lost (ring buffer overflow): content unknown.
@@ -555,6 +641,11 @@ impl Decoder {
     fn skip_resyncing(&mut self, n: u64, reason: DesyncReason, out: &mut Vec<Decoded>) {
         self.pos = self.pos.wrapping_add(n);
         self.frame_start = self.pos;
+        let reason = if self.synced {
+            reason
+        } else {
+            DesyncReason::JoiningMidStream
+        };
         if n > 0 {
             out.push(Decoded::Desync(Desync {
                 reason,
@@ -592,6 +683,7 @@ impl Decoder {
     }
 
     fn desync(&mut self, reason: DesyncReason, unread: u64, out: &mut Vec<Decoded>) {
+        self.snapshot_next = false;
         let skipped = self.pending_bytes().saturating_add(unread);
         self.pos = self.pos.wrapping_add(unread);
         self.reset_message();
@@ -637,10 +729,118 @@ impl Decoder {
             } => self.step_text(kind, seen, last_cr, cap, input, out),
             State::Inline => self.step_inline(input, out),
             State::Body { .. } => self.step_body(input, out),
+            State::SnapshotHeader => self.step_snapshot_header(input),
+            State::SnapshotEof => self.step_snapshot_eof(input, out),
         }
     }
 
+    /// After `+FULLRESYNC`: keepalive newlines, then `$`.
+    fn step_snapshot_start(&mut self, input: &[u8]) -> usize {
+        let newlines = input.iter().take_while(|&&b| b == b'\n').count();
+        if newlines > 0 {
+            self.advance(newlines);
+            return newlines;
+        }
+        self.snapshot_next = false;
+        if input.first() == Some(&b'$') {
+            self.line.clear();
+            self.state = State::SnapshotHeader;
+            self.advance(1);
+            1
+        } else {
+            // Not a snapshot after all (a master refusing): decode as usual.
+            0
+        }
+    }
+
+    fn step_snapshot_header(&mut self, input: &[u8]) -> Result<usize, DesyncReason> {
+        let limit = 4 + SNAPSHOT_MARK_LEN + 1;
+        let (consumed, done) = self.buffer_line(input, limit, DesyncReason::HeaderTooLong)?;
+        if !done {
+            return Ok(consumed);
+        }
+        if self.line.pop() != Some(b'\r') {
+            return Err(DesyncReason::BadLineEnding);
+        }
+        if let Some(mark) = self.line.strip_prefix(b"EOF:") {
+            let mark: [u8; SNAPSHOT_MARK_LEN] =
+                mark.try_into().map_err(|_| DesyncReason::BadLength)?;
+            self.snapshot_mark = mark;
+            self.line.clear();
+            self.state = State::SnapshotEof;
+            return Ok(consumed);
+        }
+        // A snapshot may be larger than any bulk string: no length limit here.
+        let len = parse_i64(&self.line)
+            .and_then(|n| u64::try_from(n).ok())
+            .ok_or(DesyncReason::BadNumber)?;
+        self.line.clear();
+        self.state = State::Body {
+            kind: Kind::Snapshot,
+            declared: len,
+            data_left: len,
+            trailer_left: 0,
+            cap: 0,
+        };
+        Ok(consumed)
+    }
+
+    /// Finds the mark that ends a diskless snapshot, also when a chunk boundary splits it.
+    fn step_snapshot_eof(
+        &mut self,
+        input: &[u8],
+        out: &mut Vec<Decoded>,
+    ) -> Result<usize, DesyncReason> {
+        let mark = self.snapshot_mark;
+        let held = self.line.len();
+        // A mark that starts in the bytes held from before and ends in this input.
+        let mut joined = std::mem::take(&mut self.line);
+        joined.extend_from_slice(&input[..input.len().min(SNAPSHOT_MARK_LEN - 1)]);
+        let across = joined
+            .windows(SNAPSHOT_MARK_LEN)
+            .position(|window| window == mark)
+            .filter(|start| *start < held)
+            .map(|start| start + SNAPSHOT_MARK_LEN - held);
+        let within = || {
+            input
+                .windows(SNAPSHOT_MARK_LEN)
+                .position(|window| window[0] == mark[0] && window == mark)
+                .map(|start| start + SNAPSHOT_MARK_LEN)
+        };
+        if let Some(end) = across.or_else(within) {
+            self.advance(end);
+            self.line.clear();
+            let len = self.pending_bytes();
+            self.complete(
+                Item {
+                    kind: Kind::Snapshot,
+                    null: false,
+                    len,
+                    text: None,
+                    integer: None,
+                },
+                out,
+            );
+            return Ok(end);
+        }
+        // Keep the last bytes seen: they may begin the mark.
+        let keep_from = joined.len().saturating_sub(SNAPSHOT_MARK_LEN - 1);
+        self.line = if input.len() >= SNAPSHOT_MARK_LEN - 1 {
+            input[input.len() - (SNAPSHOT_MARK_LEN - 1)..].to_vec()
+        } else {
+            joined[keep_from..].to_vec()
+        };
+        self.advance(input.len());
+        Ok(input.len())
+    }
+
     fn step_start(&mut self, input: &[u8]) -> Result<usize, DesyncReason> {
+        if self.snapshot_next && self.stack.is_empty() {
+            let used = self.step_snapshot_start(input);
+            if used > 0 || self.snapshot_next {
+                return Ok(used);
+            }
+        }
         let Some(&b) = input.first() else {
             return Ok(0);
         };
@@ -975,7 +1175,7 @@ impl Decoder {
                     all_bulk,
                 };
                 self.reset_message();
-                out.push(Decoded::Frame(frame));
+                self.emit(frame, out);
                 return;
             };
             parent.remaining -= 1;

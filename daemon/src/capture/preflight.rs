@@ -1,17 +1,31 @@
 //! Checks made before loading anything, so that a missing privilege or kernel feature ends
 //! with a message that says what to do instead of a raw `EPERM` from deep inside the loader.
-use std::path::Path;
+use std::{
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
 
 use super::CaptureError;
 
-/// Where the tracing filesystem is mounted on current kernels.
-pub const TRACEFS: &str = "/sys/kernel/tracing";
-
-/// Capabilities the daemon needs (bit numbers from `linux/capability.h`).
+/// Capabilities the daemon needs (bit numbers from `linux/capability.h`), each with what needs it.
+const REQUIRED: [(u32, &str); 3] = [
+    (CAP_BPF, "CAP_BPF (load programs, create maps)"),
+    (
+        CAP_PERFMON,
+        "CAP_PERFMON (read the owning process in socket callbacks)",
+    ),
+    (
+        CAP_NET_ADMIN,
+        "CAP_NET_ADMIN (load and attach cgroup_skb and sockops programs)",
+    ),
+];
+const CAP_NET_ADMIN: u32 = 12;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
+/// The capabilities of [`REQUIRED`] missing from the effective set; CAP_SYS_ADMIN stands in for
+/// all of them, as it does in the kernel.
 pub fn check_privileges() -> Result<(), CaptureError> {
     let status =
         std::fs::read_to_string("/proc/self/status").map_err(|source| CaptureError::Proc {
@@ -23,64 +37,107 @@ pub fn check_privileges() -> Result<(), CaptureError> {
         .find_map(|line| line.strip_prefix("CapEff:"))
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .unwrap_or(0);
-    let has = |cap: u32| effective & (1u64 << cap) != 0;
-    if has(CAP_SYS_ADMIN) || (has(CAP_BPF) && has(CAP_PERFMON)) {
-        Ok(())
-    } else {
-        Err(CaptureError::NotPrivileged)
-    }
-}
-
-/// Aya resolves tracepoint ids through tracefs, which a fresh machine may not have mounted.
-pub fn ensure_tracefs() -> Result<(), CaptureError> {
-    let events = Path::new(TRACEFS).join("events");
-    if events.is_dir() {
-        return Ok(());
-    }
-    tracing::info!(path = TRACEFS, "tracefs is not mounted; mounting it");
-    mount_tracefs().map_err(|source| CaptureError::Tracefs { source })?;
-    if events.is_dir() {
-        Ok(())
-    } else {
-        Err(CaptureError::Tracefs {
-            source: std::io::Error::other("mounted, but it has no events/ directory"),
-        })
-    }
-}
-
-fn mount_tracefs() -> std::io::Result<()> {
-    let target = c"/sys/kernel/tracing";
-    let fstype = c"tracefs";
-    // SAFETY: NUL-terminated constant strings; no data argument.
-    let rc = unsafe {
-        libc::mount(
-            fstype.as_ptr(),
-            target.as_ptr(),
-            fstype.as_ptr(),
-            0,
-            std::ptr::null(),
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
-}
-
-/// The tracepoints every capture depends on; a kernel without `CONFIG_FTRACE_SYSCALLS` lacks them.
-pub fn check_syscall_tracepoints(tracepoints: &[&str]) -> Result<(), CaptureError> {
-    let syscalls = Path::new(TRACEFS).join("events/syscalls");
-    let missing: Vec<String> = tracepoints
-        .iter()
-        .filter(|name| !syscalls.join(name).is_dir())
-        .map(|name| (*name).to_owned())
-        .collect();
+    let missing = missing_capabilities(effective);
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(CaptureError::MissingTracepoints { missing })
+        Err(CaptureError::NotPrivileged { missing })
     }
+}
+
+fn missing_capabilities(effective: u64) -> Vec<&'static str> {
+    let has = |cap: u32| effective & (1u64 << cap) != 0;
+    if has(CAP_SYS_ADMIN) {
+        return Vec::new();
+    }
+    REQUIRED
+        .iter()
+        .filter(|(cap, _)| !has(*cap))
+        .map(|(_, what)| *what)
+        .collect()
+}
+
+/// Where the programs attach: `explicit` (`--cgroup-root`) or the cgroup v2 mount in
+/// `/proc/self/mountinfo`, preferring the root of the hierarchy (directory inode 1) when several
+/// are mounted, as in a container that has the host's hierarchy mounted beside its own.
+pub fn cgroup_root(explicit: Option<&Path>) -> Result<CgroupRoot, CaptureError> {
+    let path = match explicit {
+        Some(path) => path.to_path_buf(),
+        None => {
+            let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(|source| {
+                CaptureError::Proc {
+                    what: "/proc/self/mountinfo",
+                    source,
+                }
+            })?;
+            let mounts = cgroup2_mounts(&mountinfo);
+            mounts
+                .iter()
+                .find(|path| is_hierarchy_root(path))
+                .or_else(|| mounts.first())
+                .cloned()
+                .ok_or(CaptureError::NoCgroup2)?
+        }
+    };
+    let meta = std::fs::metadata(&path).map_err(|source| CaptureError::CgroupRoot {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(CgroupRoot {
+        is_hierarchy_root: meta.ino() == HIERARCHY_ROOT_INODE,
+        path,
+    })
+}
+
+/// The cgroup v2 root directory's inode number: the id of the root cgroup.
+const HIERARCHY_ROOT_INODE: u64 = 1;
+
+fn is_hierarchy_root(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok_and(|meta| meta.ino() == HIERARCHY_ROOT_INODE)
+}
+
+/// A cgroup v2 directory the programs attach to.
+#[derive(Clone, Debug)]
+pub struct CgroupRoot {
+    pub path: PathBuf,
+    /// Whether it is the root of the hierarchy; below it, only the processes under it are seen.
+    pub is_hierarchy_root: bool,
+}
+
+/// Mount points of cgroup v2 file systems, in mountinfo order.
+fn cgroup2_mounts(mountinfo: &str) -> Vec<PathBuf> {
+    mountinfo
+        .lines()
+        .filter_map(|line| {
+            // `id parent major:minor root mount-point options [optional…] - fstype source …`
+            let (before, after) = line.split_once(" - ")?;
+            if after.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            let mount_point = before.split_whitespace().nth(4)?;
+            Some(PathBuf::from(unescape_octal(mount_point)))
+        })
+        .collect()
+}
+
+/// Mountinfo escapes spaces, tabs, newlines and backslashes as `\ooo`.
+fn unescape_octal(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'\\'
+            && let Some(octal) = text.get(i + 1..i + 4)
+            && let Ok(value) = u8::from_str_radix(octal, 8)
+        {
+            out.push(value);
+            i += 4;
+            continue;
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Before Linux 5.11 BPF memory counts against RLIMIT_MEMLOCK. Raising it is best effort: later
@@ -96,5 +153,44 @@ pub fn raise_memlock_limit() {
             error = %std::io::Error::last_os_error(),
             "could not raise RLIMIT_MEMLOCK (not needed on Linux >= 5.11)"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_cgroup2_mounts_in_hybrid_and_unified_layouts() {
+        let hybrid = "31 23 0:28 / /sys/fs/cgroup rw,relatime - tmpfs tmpfs rw,mode=755
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
+";
+        assert_eq!(
+            cgroup2_mounts(hybrid),
+            [PathBuf::from("/sys/fs/cgroup/unified")]
+        );
+        let container = "600 500 0:30 / /sys/fs/cgroup ro,nosuid - cgroup2 cgroup rw
+601 500 0:30 /../../.. /host\\040cgroup ro - cgroup2 cgroup rw
+";
+        assert_eq!(
+            cgroup2_mounts(container),
+            [
+                PathBuf::from("/sys/fs/cgroup"),
+                PathBuf::from("/host cgroup")
+            ]
+        );
+        assert!(cgroup2_mounts("22 1 0:21 / /proc rw - proc proc rw\n").is_empty());
+    }
+
+    #[test]
+    fn names_each_missing_capability() {
+        let all = (1 << CAP_BPF) | (1 << CAP_PERFMON) | (1 << CAP_NET_ADMIN);
+        assert!(missing_capabilities(all).is_empty());
+        assert!(missing_capabilities(1 << CAP_SYS_ADMIN).is_empty());
+        let missing = missing_capabilities((1 << CAP_BPF) | (1 << CAP_PERFMON));
+        assert_eq!(missing.len(), 1);
+        assert!(missing[0].starts_with("CAP_NET_ADMIN"), "{missing:?}");
+        assert_eq!(missing_capabilities(0).len(), 3);
     }
 }

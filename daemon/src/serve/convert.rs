@@ -20,8 +20,7 @@ pub fn event(key: &RowKey, event: &CommandEvent, attributor: &Attributor) -> v1:
     let process = &event.conn.process;
     let (workload, workload_kind) = workload(key, attributor);
     let (local_addr, peer_addr) = match &event.conn.socket {
-        Some(SocketAddrs::Tcp { local, peer }) => (local.to_string(), peer.to_string()),
-        Some(SocketAddrs::Unix { path }) => (format!("unix:{path}"), format!("unix:{path}")),
+        Some(SocketAddrs { local, peer }) => (local.to_string(), peer.to_string()),
         None => (String::new(), String::new()),
     };
     let (error_prefix, error_message) = event

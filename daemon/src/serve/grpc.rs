@@ -185,6 +185,10 @@ pub fn status(state: &ServeState) -> v1::GetStatusResponse {
         started: Some(timestamp(state.started_unix_ns)),
         stats_rows,
         lost_bytes: load(&counters.lost_bytes),
+        duplicate_bytes: load(&counters.duplicate_bytes),
+        replicated_commands: load(&counters.replicated_commands),
+        replicated_bytes: load(&counters.replicated_bytes),
+        not_resp_connections: load(&counters.not_resp),
     }
 }
 

@@ -367,12 +367,66 @@ fn render_daemon(out: &mut String, state: &ServeState) {
         labels(&queue),
         load(&state.subscriber_drops)
     );
-    let simple: [(&str, &str, &str, u64); 9] = [
+    let simple: [(&str, &str, &str, u64); 18] = [
+        (
+            "respwatch_mid_stream_skipped_bytes_total",
+            "counter",
+            "Bytes of connections open before the daemon, skipped until their first message start.",
+            load(&counters.mid_stream_skipped_bytes),
+        ),
+        (
+            "respwatch_replicated_commands_total",
+            "counter",
+            "Commands masters propagated to replicas on this node's replication links (not requests of either end).",
+            load(&counters.replicated_commands),
+        ),
+        (
+            "respwatch_replicated_bytes_total",
+            "counter",
+            "Bytes of replication streams: snapshots and propagated commands.",
+            load(&counters.replicated_bytes),
+        ),
         (
             "respwatch_lost_bytes_total",
             "counter",
-            "Socket bytes the kernel could not hand over (ring buffer full).",
+            "Stream bytes lost: holes never filled (ring buffer full, segments never seen) and stream ends never delivered.",
             load(&counters.lost_bytes),
+        ),
+        (
+            "respwatch_kernel_lost_bytes_total",
+            "counter",
+            "Payload bytes the kernel could not put in a ring (ring buffer full).",
+            load(&counters.kernel_lost_bytes),
+        ),
+        (
+            "respwatch_duplicate_bytes_total",
+            "counter",
+            "Retransmitted (or twice-seen) bytes dropped because they had been delivered once.",
+            load(&counters.duplicate_bytes),
+        ),
+        (
+            "respwatch_reorder_held_bytes",
+            "gauge",
+            "Bytes of out-of-order segments waiting for a hole before them to fill.",
+            load(&counters.held_bytes),
+        ),
+        (
+            "respwatch_late_records_total",
+            "counter",
+            "Kernel records that arrived after newer ones had been handed on.",
+            load(&counters.late_records),
+        ),
+        (
+            "respwatch_closes_deferred_total",
+            "counter",
+            "Connection ends that did not fit in a ring and waited in the kernel's overflow map.",
+            load(&counters.closes_deferred),
+        ),
+        (
+            "respwatch_not_resp_connections_total",
+            "counter",
+            "Connections whose first bytes looked like RESP but whose replies were not (memcached, POP3 ...): dropped.",
+            load(&counters.not_resp),
         ),
         (
             "respwatch_desync_bytes_total",

@@ -3,12 +3,11 @@
 use std::{collections::BTreeMap, process::Command};
 
 use respwatch_common::Direction;
-use respwatchd::{
-    capture::CaptureConfig,
-    streams::{ConnId, StreamChunk},
-};
+use respwatchd::{capture::CaptureConfig, streams::ConnId};
 
-use crate::support::{self, Harness, RedisServer, assert_stream_matches, node_modules, python};
+use crate::support::{
+    self, Chunk, Harness, RedisServer, assert_stream_matches, node_modules, python,
+};
 
 const INGRESS: u8 = Direction::Ingress as u8;
 const EGRESS: u8 = Direction::Egress as u8;
@@ -23,12 +22,7 @@ fn assert_server_totals_match_redis(harness: &Harness, server: &RedisServer) {
     harness.wait_for("server ingress to reach INFO's total", |h| {
         h.bytes_of(server.pid(), Direction::Ingress) >= redis_in
     });
-    let info_conn = harness
-        .streams_of(server.pid())
-        .keys()
-        .map(|(conn, _)| *conn)
-        .max()
-        .expect("connections");
+    let info_conn = harness.newest_connection(server.pid());
     harness.wait_for("the INFO reply", |h| {
         h.streams_of(server.pid())
             .contains_key(&(info_conn, EGRESS))
@@ -61,20 +55,19 @@ fn assert_client_and_server_streams_agree(
 ) -> usize {
     let server_streams = harness.streams_of(server.pid());
     let client_streams = harness.streams_of(client_pid);
-    let port_of =
-        |streams: &BTreeMap<(ConnId, u8), Vec<StreamChunk>>, conn: ConnId, local: bool| {
-            streams
-                .iter()
-                .find(|((id, _), _)| *id == conn)
-                .and_then(|(_, chunks)| {
-                    let socket = chunks[0].conn.socket.as_ref()?;
-                    if local {
-                        socket.local_port()
-                    } else {
-                        socket.peer().map(|p| p.port())
-                    }
-                })
-        };
+    let port_of = |streams: &BTreeMap<(ConnId, u8), Vec<Chunk>>, conn: ConnId, local: bool| {
+        streams
+            .iter()
+            .find(|((id, _), _)| *id == conn)
+            .and_then(|(_, chunks)| {
+                let socket = chunks[0].conn.socket.as_ref()?;
+                if local {
+                    socket.local_port()
+                } else {
+                    socket.peer().map(|p| p.port())
+                }
+            })
+    };
     let mut paired = 0;
     let client_conns: Vec<ConnId> = client_streams.keys().map(|(c, _)| *c).collect();
     for client_conn in client_conns {
@@ -84,13 +77,12 @@ fn assert_client_and_server_streams_agree(
         // Ports pick the server side first; its request stream must equal the client's, and the
         // bytes copied on both sides must agree. The client's local port comes from /proc and
         // can be stale when its fd was reused, so other candidates are tried too.
-        let totals =
-            |streams: &BTreeMap<(ConnId, u8), Vec<StreamChunk>>, conn: ConnId, dir: u8| -> u64 {
-                streams
-                    .get(&(conn, dir))
-                    .map(|c| c.iter().map(|c| c.total_len()).sum())
-                    .unwrap_or(0)
-            };
+        let totals = |streams: &BTreeMap<(ConnId, u8), Vec<Chunk>>, conn: ConnId, dir: u8| -> u64 {
+            streams
+                .get(&(conn, dir))
+                .map(|c| c.iter().map(|c| c.total_len()).sum())
+                .unwrap_or(0)
+        };
         let mut candidates: Vec<ConnId> = candidates_of(&server_streams).collect();
         candidates.sort_by_key(|c| port_of(&server_streams, *c, false) != Some(client_port));
         let server_conn = candidates
@@ -138,7 +130,7 @@ fn assert_client_and_server_streams_agree(
 }
 
 fn candidates_of(
-    streams: &BTreeMap<(ConnId, u8), Vec<StreamChunk>>,
+    streams: &BTreeMap<(ConnId, u8), Vec<Chunk>>,
 ) -> impl Iterator<Item = ConnId> + '_ {
     let mut conns: Vec<ConnId> = streams.keys().map(|(c, _)| *c).collect();
     conns.dedup();
@@ -146,11 +138,7 @@ fn candidates_of(
 }
 
 /// Both sides copied (parts of) the same stream; wherever both have the byte, it must agree.
-fn stream_of(
-    streams: &BTreeMap<(ConnId, u8), Vec<StreamChunk>>,
-    conn: ConnId,
-    dir: u8,
-) -> &[StreamChunk] {
+fn stream_of(streams: &BTreeMap<(ConnId, u8), Vec<Chunk>>, conn: ConnId, dir: u8) -> &[Chunk] {
     streams
         .get(&(conn, dir))
         .map(Vec::as_slice)
@@ -158,8 +146,8 @@ fn stream_of(
 }
 
 /// Bytes compared where both sides copied them, or `None` at the first difference.
-fn copied_windows_agree(a: &[StreamChunk], b: &[StreamChunk]) -> Option<u64> {
-    let known = |chunks: &[StreamChunk]| {
+fn copied_windows_agree(a: &[Chunk], b: &[Chunk]) -> Option<u64> {
+    let known = |chunks: &[Chunk]| {
         let mut bytes = Vec::new();
         let mut offset = 0u64;
         for chunk in chunks {
@@ -169,7 +157,7 @@ fn copied_windows_agree(a: &[StreamChunk], b: &[StreamChunk]) -> Option<u64> {
         bytes
     };
     let (a, b) = (known(a), known(b));
-    let byte_at = |spans: &[(u64, bytes::Bytes)], at: u64| {
+    let byte_at = |spans: &[(u64, std::borrow::Cow<'static, [u8]>)], at: u64| {
         let i = spans
             .partition_point(|(start, _)| *start <= at)
             .checked_sub(1)?;
@@ -223,17 +211,15 @@ fn raw_socket_streams_are_exact() {
     for ((_, dir), chunks) in &client_streams {
         let expected = if *dir == EGRESS { &sent } else { &received };
         assert_stream_matches(chunks, expected, "client");
-        let syscalls: Vec<_> = chunks.iter().map(|c| c.syscall.name()).collect();
-        let family = if *dir == EGRESS { "sendto" } else { "recvfrom" };
-        assert!(
-            syscalls.iter().all(|s| *s == family),
-            "python socket uses {family}: {syscalls:?}"
-        );
     }
-    // The large value was cut by the copy window and still counted exactly.
+    // The 100 KB value crossed loopback in packets of tens of KiB: copied whole all the same.
     assert!(
-        client_streams.values().flatten().any(|c| c.uncopied > 0),
-        "no chunk exceeded the window"
+        client_streams.values().flatten().all(|c| c.uncopied == 0),
+        "a packet was not copied whole"
+    );
+    assert!(
+        client_streams.values().flatten().any(|c| !c.boundary),
+        "no packet was larger than one record piece"
     );
 
     // Server side: the connection whose peer is the client's port carries exactly these bytes.
@@ -258,17 +244,6 @@ fn raw_socket_streams_are_exact() {
         .expect("server side of the python connection");
     assert_stream_matches(&server_streams[&(conn, INGRESS)], &sent, "server ingress");
     assert_stream_matches(&server_streams[&(conn, EGRESS)], &received, "server egress");
-    assert!(
-        server_streams[&(conn, INGRESS)]
-            .iter()
-            .all(|c| c.syscall.name() == "read")
-    );
-    // Redis writes a reply made of several buffers (the 100 KB value) with writev.
-    assert!(
-        server_streams[&(conn, EGRESS)]
-            .iter()
-            .all(|c| matches!(c.syscall.name(), "write" | "writev"))
-    );
 }
 
 /// The bar: no loss at `redis-benchmark -c 50 -n 200000`. Under heavier bursts
@@ -354,16 +329,6 @@ fn redis_benchmark_client_and_server_agree() {
         paired >= 4,
         "only {paired} redis-benchmark connections were paired"
     );
-    let syscalls: std::collections::BTreeSet<_> = harness
-        .streams_of(pid)
-        .values()
-        .flatten()
-        .map(|c| c.syscall.name())
-        .collect();
-    assert!(
-        syscalls.contains("sendto") || syscalls.contains("write"),
-        "{syscalls:?}"
-    );
 }
 
 #[test]
@@ -395,20 +360,6 @@ fn redis_py_and_ioredis_are_seen_on_both_sides() {
     assert_server_totals_match_redis(harness, &server);
     assert!(assert_client_and_server_streams_agree(harness, &server, py_pid) >= 1);
     assert!(assert_client_and_server_streams_agree(harness, &server, node_pid) >= 1);
-    let node_syscalls: std::collections::BTreeSet<_> = harness
-        .streams_of(node_pid)
-        .values()
-        .flatten()
-        .map(|c| c.syscall.name())
-        .collect();
-    assert!(
-        node_syscalls.contains("read"),
-        "node reads with read: {node_syscalls:?}"
-    );
-    assert!(
-        node_syscalls.contains("writev") || node_syscalls.contains("write"),
-        "node writes with write/writev: {node_syscalls:?}"
-    );
 }
 
 #[test]
@@ -533,68 +484,4 @@ fn a_small_ring_counts_every_loss() {
         "{} bytes unaccounted for and no close record lost",
         redis_in - accounted
     );
-}
-
-/// The kernel keeps each thread's syscall arguments in a table of 65536 slots that it reuses
-/// per thread and frees when the thread exits. More threads than slots, one after another (as
-/// thread-per-request clients make), must all be seen: a slot that outlived its thread would
-/// fill the table and lose the I/O of every later thread. Eight processes, because thread ids
-/// wrap at `kernel.pid_max` (32768 here) and a process's later threads would reuse its earlier
-/// threads' slots: 8 × 12500 threads make some 80000 distinct (process, thread) pairs.
-#[test]
-fn more_short_lived_threads_than_slots_are_all_seen() {
-    use std::sync::atomic::Ordering::Relaxed;
-
-    use respwatch_common::LossReason;
-
-    const PROCESSES: usize = 8;
-    const THREADS: u64 = 12_500;
-    const PING: u64 = 14;
-    const PONG: u64 = 7;
-    let harness = Harness::get();
-    let _recording = harness.recording();
-    let inflight_full =
-        || harness.shared.counters.kernel_losses[LossReason::InflightFull as usize].load(Relaxed);
-    let (full_before, lost_before) = (inflight_full(), harness.lost_bytes());
-    let server = RedisServer::start(&[]);
-    let pings = || {
-        let (commands, _) = crate::commandstats::redis_stats(&server);
-        commands.get("ping").map_or(0, |(counts, _)| counts.calls)
-    };
-    let pings_before = pings();
-    let clients: Vec<_> = (0..PROCESSES)
-        .map(|_| {
-            Command::new(python())
-                .arg(concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/tests/clients/thread_churn.py"
-                ))
-                .args([server.port.to_string(), THREADS.to_string()])
-                .spawn()
-                .expect("python client")
-        })
-        .collect();
-    let client_pids: Vec<u32> = clients.iter().map(|client| client.id()).collect();
-    for client in clients {
-        let out = client.wait_with_output().expect("client ran");
-        assert!(out.status.success(), "{out:?}");
-    }
-    let total = PROCESSES as u64 * THREADS;
-    assert_eq!(pings() - pings_before, total, "Redis answered every thread");
-
-    for pid in client_pids {
-        harness.wait_for("every thread's PING and PONG", |h| {
-            h.bytes_of(pid, Direction::Egress) >= THREADS * PING
-                && h.bytes_of(pid, Direction::Ingress) >= THREADS * PONG
-        });
-        assert_eq!(harness.bytes_of(pid, Direction::Egress), THREADS * PING);
-        assert_eq!(harness.bytes_of(pid, Direction::Ingress), THREADS * PONG);
-    }
-    std::thread::sleep(std::time::Duration::from_millis(1500)); // one more read of the counters
-    assert_eq!(
-        inflight_full(),
-        full_before,
-        "the per-thread table filled up"
-    );
-    assert_eq!(harness.lost_bytes(), lost_before, "bytes were lost");
 }

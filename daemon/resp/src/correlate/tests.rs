@@ -377,3 +377,61 @@ fn mid_stream_attach_does_not_pair_old_replies() {
     c.feed(Egress, 13, b"+PONG\r\n", 0, &mut out);
     assert_eq!(summary(&out), vec![s("ping", Outcome::Ok, true)]);
 }
+
+/// A replica's link to its master, seen from the master (server role): the handshake is
+/// request/reply, then the master's side is the replication stream and the replica's
+/// `REPLCONF ACK`s get no reply.
+#[test]
+fn a_replication_link_counts_the_handshake_and_acks_but_not_the_stream() {
+    let mut stream = b"+FULLRESYNC 8371b4fb1155b71f4a04d3e1bc3e18c4a990aeeb 0\r\n\n".to_vec();
+    stream.extend_from_slice(b"$EOF:0123456789abcdef0123456789abcdef01234567\r\nREDIS...");
+    stream.extend_from_slice(b"0123456789abcdef0123456789abcdef01234567");
+    stream.extend_from_slice(
+        b"*2\r\n$6\r\nSELECT\r\n$1\r\n0\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n",
+    );
+    let (c, out) = run(&[
+        (Ingress, b"*1\r\n$4\r\nPING\r\n"),
+        (Egress, b"+PONG\r\n"),
+        (
+            Ingress,
+            b"*3\r\n$8\r\nREPLCONF\r\n$14\r\nlistening-port\r\n$4\r\n6380\r\n",
+        ),
+        (Egress, b"+OK\r\n"),
+        (Ingress, b"*3\r\n$5\r\nPSYNC\r\n$1\r\n?\r\n$2\r\n-1\r\n"),
+        (Egress, &stream),
+        (
+            Ingress,
+            b"*3\r\n$8\r\nREPLCONF\r\n$3\r\nACK\r\n$3\r\n123\r\n",
+        ),
+        (Egress, b"*1\r\n$4\r\nPING\r\n"),
+    ]);
+    assert_eq!(c.role(), Some(Role::Server));
+    assert_eq!(
+        summary(&out),
+        vec![
+            s("ping", Outcome::Ok, true),
+            s("replconf", Outcome::Ok, true),
+            s("psync", Outcome::Ok, true),
+            s("replconf", Outcome::Unknown, true),
+        ]
+    );
+    let replicated: Vec<Option<&str>> = out
+        .iter()
+        .filter_map(|o| match o {
+            Output::Replication { command, .. } => Some(command.as_deref()),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(
+        replicated,
+        [None, Some("select"), Some("set"), Some("ping")],
+        "the snapshot, then the propagated commands"
+    );
+    assert!(
+        !out.iter().any(|o| matches!(
+            o,
+            Output::Desync { .. } | Output::UnmatchedReply { .. } | Output::Unanswered(_)
+        )),
+        "{out:?}"
+    );
+}

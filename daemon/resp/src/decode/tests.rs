@@ -292,7 +292,112 @@ fn mid_stream_decoder_waits_for_plausible_chunk() {
     let mut d = Decoder::mid_stream();
     let mut out = Vec::new();
     d.feed(b"\r\nrest of a value\r\n", 0, &mut out);
+    // A chunk boundary inside a value of letters is no inline command.
+    d.feed(
+        b"bbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbbb",
+        0,
+        &mut out,
+    );
+    d.feed(b"$5 \r\n", 0, &mut out);
     assert_eq!(frames(&out).len(), 0);
+    // Bytes before the first message are skipped joining the stream, not a loss of sync.
+    assert!(
+        desyncs(&out)
+            .iter()
+            .all(|d| d.reason == DesyncReason::JoiningMidStream),
+        "{out:?}"
+    );
     d.feed(b"*1\r\n$4\r\nPING\r\n", 0, &mut out);
     assert_eq!(frames(&out).len(), 1);
+}
+
+#[test]
+fn resyncing_needs_a_whole_first_line() {
+    for start in [
+        &b"*3\r\n$3\r\nSET"[..],
+        b"$-1\r\n",
+        b"+OK\r\n",
+        b"-ERR no\r\n",
+        b":42",
+        b"_\r\n",
+        b"#t\r\n",
+        b"%2\r\n",
+    ] {
+        assert!(plausible_start(start), "{start:?}");
+    }
+    for start in [
+        &b"PING\r\n"[..],
+        b"bbbbbbbb",
+        b"*x\r\n",
+        b"*3\rx",
+        b"$",
+        b"+\r\n",
+        b"-err\r\n",
+        b"#x\r\n",
+        b"+\x01\x02",
+    ] {
+        assert!(!plausible_start(start), "{start:?}");
+    }
+}
+
+/// What a master sends a replica on a full resync: `+FULLRESYNC`, keepalive newlines while the
+/// snapshot is prepared, the snapshot (no CRLF after it), then propagated commands.
+fn full_resync(snapshot: &[u8]) -> Vec<u8> {
+    let mut stream = b"+FULLRESYNC 8371b4fb1155b71f4a04d3e1bc3e18c4a990aeeb 0\r\n\n\n".to_vec();
+    stream.extend_from_slice(snapshot);
+    stream.extend_from_slice(b"*1\r\n$4\r\nPING\r\n*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$1\r\nv\r\n");
+    stream
+}
+
+/// Every split of `stream` into two chunks decodes to the same frames and accounts for every
+/// byte.
+fn assert_decodes_at_every_split(stream: &[u8], expect: &[Kind]) {
+    for split in 0..=stream.len() {
+        let out = decode_all(&[&stream[..split], &stream[split..]]);
+        assert!(desyncs(&out).is_empty(), "split {split}: {out:?}");
+        let kinds: Vec<Kind> = frames(&out).iter().map(|f| f.kind).collect();
+        assert_eq!(kinds, expect, "split {split}");
+        let wire: u64 = frames(&out).iter().map(|f| f.wire_len).sum();
+        assert_eq!(wire, stream.len() as u64, "split {split}");
+    }
+}
+
+#[test]
+fn a_disk_snapshot_is_skipped_by_its_length_without_a_trailing_crlf() {
+    // The payload contains what looks like RESP and CRLFs: its length decides, not its bytes.
+    let mut snapshot = b"$30\r\nREDIS0011\xfa\t*3\r\n$3\r\nSET\r\n\r\n".to_vec();
+    snapshot.resize(5 + 30, b'x');
+    let stream = full_resync(&snapshot);
+    assert_decodes_at_every_split(
+        &stream,
+        &[Kind::SimpleString, Kind::Snapshot, Kind::Array, Kind::Array],
+    );
+}
+
+#[test]
+fn a_diskless_snapshot_ends_at_its_mark_even_split_across_chunks() {
+    let mark = b"0123456789abcdef0123456789abcdef01234567";
+    let mut snapshot = b"$EOF:".to_vec();
+    snapshot.extend_from_slice(mark);
+    snapshot.extend_from_slice(b"\r\nREDIS0011 payload with 0123456789abc (a partial mark) ");
+    snapshot.extend_from_slice(mark);
+    let stream = full_resync(&snapshot);
+    assert_decodes_at_every_split(
+        &stream,
+        &[Kind::SimpleString, Kind::Snapshot, Kind::Array, Kind::Array],
+    );
+    // One byte at a time, too.
+    let chunks: Vec<&[u8]> = stream.chunks(1).collect();
+    let out = decode_all(&chunks);
+    assert!(desyncs(&out).is_empty());
+    assert_eq!(frames(&out).len(), 4);
+}
+
+#[test]
+fn fullresync_text_elsewhere_announces_no_snapshot() {
+    // Inside an array (a client's echo of it), a FULLRESYNC string is just text.
+    let out = decode_all(&[b"*1\r\n+FULLRESYNC x 0\r\n$3\r\nabc\r\n"]);
+    assert!(desyncs(&out).is_empty());
+    let kinds: Vec<Kind> = frames(&out).iter().map(|f| f.kind).collect();
+    assert_eq!(kinds, [Kind::Array, Kind::BulkString]);
 }

@@ -7,8 +7,6 @@
 
 use std::{
     collections::BTreeMap,
-    path::PathBuf,
-    process::{Child, Command, Output, Stdio},
     sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
@@ -18,125 +16,28 @@ use respwatchd::{
     capture::{Capture, CaptureConfig},
     enrich::Attributor,
     pipeline::{Pipeline, PipelineConfig, Shared},
-    streams::{ConnId, StreamChunk, StreamEvent},
+    streams::{ConnId, ConnMeta, StreamChunk, StreamEvent},
 };
+
+/// A chunk the harness keeps: copied out of the ring.
+pub type Chunk = StreamChunk<'static>;
 
 /// Upper bound for any wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(30);
 
-pub fn repo_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The python with redis-py that the bootstrap script installs.
-pub fn python() -> PathBuf {
-    repo_root().join("target/test-env/venv/bin/python")
-}
-
-/// The node_modules folder with ioredis that the bootstrap script installs.
-pub fn node_modules() -> PathBuf {
-    repo_root().join("target/test-env/node/node_modules")
-}
+pub use crate::redis::{RedisServer, node_modules, python};
 
 pub use crate::ports::free_port;
-
-/// A real redis-server on a free loopback port, killed on drop.
-pub struct RedisServer {
-    pub port: u16,
-    child: Child,
-}
-
-impl RedisServer {
-    pub fn start(extra: &[&str]) -> Self {
-        let port = free_port();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .args([
-                "--daemonize",
-                "no",
-                "--protected-mode",
-                "no",
-                "--loglevel",
-                "warning",
-            ])
-            .args(extra)
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server must be installed (run scripts/bootstrap.sh)");
-        let server = Self { port, child };
-        let deadline = Instant::now() + WAIT;
-        while server.cli(&["PING"]).stdout != b"PONG\n" {
-            assert!(
-                Instant::now() < deadline,
-                "redis-server on {port} did not start"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        server
-    }
-
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    pub fn cli(&self, args: &[&str]) -> Output {
-        Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()
-            .expect("redis-cli")
-    }
-
-    /// `INFO <sections…>` as key → value.
-    pub fn info(&self, sections: &str) -> BTreeMap<String, String> {
-        let mut args = vec!["INFO"];
-        args.extend(sections.split_whitespace());
-        let out = self.cli(&args);
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .filter_map(|line| line.trim_end().split_once(':'))
-            .map(|(k, v)| (k.to_owned(), v.to_owned()))
-            .collect()
-    }
-
-    pub fn benchmark(&self, args: &[&str]) -> Output {
-        let out = Command::new("redis-benchmark")
-            .args(["-p", &self.port.to_string(), "-q"])
-            .args(args)
-            .output()
-            .expect("redis-benchmark");
-        assert!(
-            out.status.success(),
-            "redis-benchmark failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 /// What the capture pipeline saw while a test was recording.
 #[derive(Default)]
 pub struct Seen {
     pub recording: bool,
-    pub chunks: Vec<StreamChunk>,
+    pub chunks: Vec<Chunk>,
     /// Connection, pid, bytes lost at the end of its ingress and egress streams.
     pub closed: Vec<(ConnId, u32, u64, u64)>,
+    /// Every connection seen, by data or by its end (all of its data may have been lost).
+    pub conns: BTreeMap<ConnId, Arc<ConnMeta>>,
 }
 
 /// Keeps chunks while alive; forgets them when dropped, so tests that only look at stats do
@@ -160,6 +61,7 @@ impl Drop for Recording<'_> {
         seen.recording = false;
         seen.chunks.clear();
         seen.closed.clear();
+        seen.conns.clear();
     }
 }
 
@@ -207,6 +109,7 @@ impl Harness {
             recording: false,
             chunks: Vec::with_capacity(4 << 20),
             closed: Vec::new(),
+            conns: BTreeMap::new(),
         }));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let sink = Arc::clone(&seen);
@@ -226,8 +129,17 @@ impl Harness {
                         if !seen.recording {
                             return;
                         }
+                        let conn = match event {
+                            StreamEvent::Data(chunk) => &chunk.conn,
+                            StreamEvent::Closed { conn, .. } => conn,
+                        };
+                        seen.conns
+                            .entry(conn.id)
+                            .or_insert_with(|| Arc::clone(conn));
                         match event {
-                            StreamEvent::Data(chunk) => seen.chunks.push(chunk.clone()),
+                            StreamEvent::Data(chunk) => {
+                                seen.chunks.push(chunk.clone().into_owned())
+                            }
                             StreamEvent::Closed {
                                 conn,
                                 lost_ingress,
@@ -250,9 +162,9 @@ impl Harness {
     }
 
     /// Chunks of processes `pid`, grouped into per-connection, per-direction streams.
-    pub fn streams_of(&self, pid: u32) -> BTreeMap<(ConnId, u8), Vec<StreamChunk>> {
+    pub fn streams_of(&self, pid: u32) -> BTreeMap<(ConnId, u8), Vec<Chunk>> {
         let seen = self.seen.lock().expect("lock");
-        let mut streams: BTreeMap<(ConnId, u8), Vec<StreamChunk>> = BTreeMap::new();
+        let mut streams: BTreeMap<(ConnId, u8), Vec<Chunk>> = BTreeMap::new();
         for chunk in seen.chunks.iter().filter(|c| c.conn.process.pid == pid) {
             streams
                 .entry((chunk.conn.id, chunk.direction as u8))
@@ -260,6 +172,21 @@ impl Harness {
                 .push(chunk.clone());
         }
         streams
+    }
+
+    /// The connection of process `pid` whose first chunk came last (cookies are not allocated
+    /// in order).
+    pub fn newest_connection(&self, pid: u32) -> ConnId {
+        let seen = self.seen.lock().expect("lock");
+        let mut first_seen: BTreeMap<ConnId, u64> = BTreeMap::new();
+        for chunk in seen.chunks.iter().filter(|c| c.conn.process.pid == pid) {
+            first_seen.entry(chunk.conn.id).or_insert(chunk.ts_ns);
+        }
+        first_seen
+            .into_iter()
+            .max_by_key(|(_, ts_ns)| *ts_ns)
+            .map(|(conn, _)| conn)
+            .expect("connections")
     }
 
     pub fn chunks_of(&self, pid: u32) -> usize {
@@ -297,6 +224,74 @@ impl Harness {
         delivered + lost_at_close
     }
 
+    /// Bytes of connection `conn` in `direction` accounted for: delivered (copied or not) plus
+    /// every loss reported (holes, and the stream's end at its close).
+    pub fn bytes_of_conn(&self, conn: ConnId, direction: Direction) -> u64 {
+        let seen = self.seen.lock().expect("lock");
+        let delivered: u64 = seen
+            .chunks
+            .iter()
+            .filter(|c| c.conn.id == conn && c.direction == direction)
+            .map(|c| c.total_len() + c.gap_before)
+            .sum();
+        let lost_at_close: u64 = seen
+            .closed
+            .iter()
+            .filter(|(id, _, _, _)| *id == conn)
+            .map(|(_, _, ingress, egress)| match direction {
+                Direction::Ingress => ingress,
+                Direction::Egress => egress,
+            })
+            .sum();
+        delivered + lost_at_close
+    }
+
+    /// Whether connection `conn` has closed.
+    pub fn closed(&self, conn: ConnId) -> bool {
+        let seen = self.seen.lock().expect("lock");
+        seen.closed.iter().any(|(id, _, _, _)| *id == conn)
+    }
+
+    /// Connections seen (with their owner) whose local port, or else whose peer port, is `port`.
+    pub fn conns_on_port(&self, port: u16, local: bool) -> BTreeMap<ConnId, (u32, String)> {
+        let seen = self.seen.lock().expect("lock");
+        seen.conns
+            .values()
+            .filter(|conn| {
+                conn.socket.as_ref().is_some_and(|s| {
+                    if local {
+                        s.local.port() == port
+                    } else {
+                        s.peer.port() == port
+                    }
+                })
+            })
+            .map(|conn| (conn.id, (conn.process.pid, conn.process.comm.clone())))
+            .collect()
+    }
+
+    /// The pipeline's counters, for failure messages.
+    pub fn diagnostics(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let c = &self.shared.counters;
+        let kernel: Vec<u64> = c.kernel_losses.iter().map(|l| l.load(Relaxed)).collect();
+        format!(
+            "records {} events {} kernel losses {kernel:?} lost bytes {} duplicate bytes {} held {} \
+             late records {} desyncs {} unanswered {} unmatched replies {} not RESP {} tracked {}",
+            c.records.load(Relaxed),
+            c.events.load(Relaxed),
+            c.lost_bytes.load(Relaxed),
+            c.duplicate_bytes.load(Relaxed),
+            c.held_bytes.load(Relaxed),
+            c.late_records.load(Relaxed),
+            c.desyncs.load(Relaxed),
+            c.unanswered.load(Relaxed),
+            c.unmatched_replies.load(Relaxed),
+            c.not_resp.load(Relaxed),
+            c.tracked_connections.load(Relaxed),
+        )
+    }
+
     /// Bytes lost anywhere so far (kernel ring full), as reported by the pipeline.
     pub fn lost_bytes(&self) -> u64 {
         self.shared
@@ -317,7 +312,7 @@ impl Harness {
 
 /// Checks that the copied parts of `chunks`, at their stream offsets, equal `expected`, and
 /// that the lengths add up to exactly `expected.len()`.
-pub fn assert_stream_matches(chunks: &[StreamChunk], expected: &[u8], what: &str) {
+pub fn assert_stream_matches(chunks: &[Chunk], expected: &[u8], what: &str) {
     let mut offset = 0usize;
     let mut last_ts = 0;
     for chunk in chunks {
