@@ -555,7 +555,8 @@ fn on_packet(skb: *mut __sk_buff, dir: Direction) {
             _ => {}
         }
     }
-    if state.status == TRACKED {
+    // Tracked, or sent ahead of its head while still unclassified.
+    if state.status == TRACKED || state.status == UNCLASSIFIED && state.flags & OPEN_SENT != 0 {
         if packet.tcp_flags & TCP_FIN != 0 {
             state.fins |= match dir {
                 Direction::Ingress => FIN_INGRESS,
@@ -563,7 +564,13 @@ fn on_packet(skb: *mut __sk_buff, dir: Direction) {
             };
         }
         if packet.tcp_flags & TCP_RST != 0 || state.fins == FIN_INGRESS | FIN_EGRESS {
-            close(skb.cast(), state, 0);
+            // Never classified: what was sent ahead is withdrawn, not counted as lost.
+            let extra = if state.status == TRACKED {
+                0
+            } else {
+                close_flags::NOT_RESP
+            };
+            close(skb.cast(), state, extra);
         }
     }
 }
@@ -594,14 +601,22 @@ fn classify_head(skb: *mut __sk_buff, state: &mut SockState, dir: Direction, pac
     };
     if dir != request_dir {
         // The server spoke before the client's command was complete (SMTP, POP3, NATS …).
-        state.status = IGNORED;
+        ignore(skb, state);
         return;
     }
     let offset = offset_of(state, dir, packet);
     let have = u32::from(state.head_len);
-    if offset > have || offset.wrapping_add(packet.payload_len) <= have {
-        // Out of order ahead of the head (TCP delivers the head first, so it comes), or a
-        // retransmission of head bytes already collected.
+    if offset > have {
+        // Out of order ahead of the head: the head was lost on the way and comes again, but
+        // these bytes pass the socket only now. Sent ahead, held by user space until the head
+        // decides; withdrawn (a not-RESP close) if it says no.
+        if open(skb, state, packet, dir) {
+            deliver(skb, dir, packet, offset, cookie_of(skb.cast()));
+        }
+        return;
+    }
+    if offset.wrapping_add(packet.payload_len) <= have {
+        // A retransmission of head bytes already collected.
         return;
     }
     let skip = have - offset;
@@ -631,7 +646,7 @@ fn classify_head(skb: *mut __sk_buff, state: &mut SockState, dir: Direction, pac
     peek.copy_from_slice(&state.head[..CLASSIFY_PEEK]);
     match request_head(&peek, usize::from(state.head_len)) {
         Verdict::NeedMore => {}
-        Verdict::NotResp => state.status = IGNORED,
+        Verdict::NotResp => ignore(skb, state),
         Verdict::Resp => {
             state.status = TRACKED;
             if !open(skb, state, packet, dir) {
@@ -644,6 +659,15 @@ fn classify_head(skb: *mut __sk_buff, state: &mut SockState, dir: Direction, pac
             }
             deliver(skb, dir, packet, offset, cookie);
         }
+    }
+}
+
+/// Not RESP: later packets cost one lookup. Bytes already sent ahead of its head are
+/// withdrawn by a not-RESP close.
+fn ignore(skb: *mut __sk_buff, state: &mut SockState) {
+    state.status = IGNORED;
+    if state.flags & OPEN_SENT != 0 {
+        close(skb.cast(), state, close_flags::NOT_RESP);
     }
 }
 

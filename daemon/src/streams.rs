@@ -522,6 +522,9 @@ impl Streams {
         if close.not_resp && conn.unconfirmed.is_some() {
             // Nothing of it was handed on: it never existed for the later stages.
             self.stats.not_resp += 1;
+            for stream in conn.dirs {
+                self.held_total -= stream.held_bytes;
+            }
             return;
         }
         if let Some(held) = conn.unconfirmed.take() {
@@ -819,6 +822,44 @@ mod tests {
             })
             .collect();
         assert_eq!(boundaries, [true, false]);
+    }
+
+    /// The kernel sends bytes that passed the socket ahead of a lost head: held until the head
+    /// arrives, or withdrawn without a trace (and without counting a loss) when it is not RESP.
+    #[test]
+    fn bytes_sent_ahead_of_the_head_join_it_or_vanish_with_it() {
+        let mut streams = streams_with(Some(Opener::Passive));
+        let mut events = Vec::new();
+        streams.accept_batch(vec![data(6, b"K\r\n", 1)], &mut events);
+        assert!(events.is_empty());
+        assert_eq!(streams.held_bytes(), 3);
+        streams.accept_batch(
+            vec![
+                data(0, b"*1\r\n$1", 2),
+                data_in(Direction::Egress, 0, b"+OK\r\n", 3),
+            ],
+            &mut events,
+        );
+        let (text, _) = delivered(&events);
+        assert_eq!(text, "*1\r\n$1K\r\n+OK\r\n");
+        assert_eq!(streams.held_bytes(), 0);
+
+        let mut streams = streams_with(Some(Opener::Passive));
+        let mut events = Vec::new();
+        streams.accept_batch(vec![data(9, b"xyz", 1)], &mut events);
+        streams.accept_batch(
+            vec![Record::Close(Close {
+                cookie: COOKIE,
+                ts_ns: 2,
+                ends: [Some(12), None],
+                not_resp: true,
+            })],
+            &mut events,
+        );
+        assert!(events.is_empty(), "withdrawn: {events:?}");
+        assert_eq!(streams.held_bytes(), 0, "held bytes are released");
+        assert_eq!(streams.stats().lost_bytes, 0, "not a loss");
+        assert_eq!(streams.stats().not_resp, 1);
     }
 
     #[test]

@@ -397,6 +397,15 @@ fn connections_open_before_the_daemon_are_picked_up_mid_stream() {
     );
 }
 
+/// Which data segments the lossy link drops.
+#[derive(Clone, Copy)]
+enum Loss {
+    /// This percentage, at random.
+    Percent(u32),
+    /// The first transmission of each segment that starts a large request.
+    RequestHeads,
+}
+
 /// A network namespace joined to the host by a veth pair with segmentation offloads off, and
 /// a tc program on the host end that drops data segments in both directions. Removed on drop.
 struct LossyLink {
@@ -408,7 +417,11 @@ impl LossyLink {
     const HOST_ADDR: &'static str = "10.213.0.1";
     const NS_ADDR: &'static str = "10.213.0.2";
 
-    fn new(drop_percent: u32) -> Self {
+    fn new(loss: Loss) -> Self {
+        let mode = match loss {
+            Loss::Percent(percent) => format!("-DDROP_PERCENT={percent}"),
+            Loss::RequestHeads => "-DDROP_REQUEST_HEADS".to_owned(),
+        };
         let id = std::process::id() % 100_000;
         let namespace = format!("rwtest{id}");
         let (host, inside) = (format!("rwh{id}"), format!("rwn{id}"));
@@ -423,7 +436,7 @@ impl LossyLink {
         };
         let script = format!(
             "set -e
-             clang-22 -O2 -target bpf -I/usr/include/x86_64-linux-gnu -DDROP_PERCENT={drop_percent} \
+             clang-22 -O2 -g -target bpf -I/usr/include/x86_64-linux-gnu {mode} \
                -c {source} -o {object}
              ip netns add {namespace}
              ip link add {host} type veth peer name {inside}
@@ -502,7 +515,7 @@ fn retransmitted_segments(snmp: &str) -> u64 {
 fn a_lossy_link_with_retransmissions_stays_exact() {
     let harness = Harness::get();
     let _turn = Harness::exclusive();
-    let link = LossyLink::new(2);
+    let link = LossyLink::new(Loss::Percent(2));
     let server = RedisServer::start_at(&format!("127.0.0.1 {}", link.host_addr), &[]);
     let port = server.port.to_string();
     let duplicates_before = harness.shared.counters.duplicate_bytes.load(Relaxed);
@@ -543,4 +556,32 @@ fn a_lossy_link_with_retransmissions_stays_exact() {
     let duplicates = harness.shared.counters.duplicate_bytes.load(Relaxed) - duplicates_before;
     eprintln!("{retransmitted} segments retransmitted, {duplicates} duplicate bytes dropped");
     assert!(duplicates > 0, "no retransmitted byte reached the capture");
+}
+
+/// The first segment of every large request is lost once, so the receiving socket gets the rest
+/// of the request before its start — for a connection's first request, before the kernel has
+/// seen a byte that says it is Redis. What passed the socket ahead of the start is sent ahead
+/// and joins it: every request is counted, on a fresh connection as on a busy one.
+#[test]
+fn requests_whose_start_arrives_last_stay_exact() {
+    let harness = Harness::get();
+    let _turn = Harness::exclusive();
+    let link = LossyLink::new(Loss::RequestHeads);
+    let server = RedisServer::start_at(&format!("127.0.0.1 {}", link.host_addr), &[]);
+    let retransmitted_before = link.retransmissions();
+    let (client, _) = run_to_end(
+        link.command("redis-benchmark")
+            .args(["-h", link.host_addr, "-p", &server.port.to_string(), "-q"])
+            .args(["-n", "100", "-c", "4", "-d", "100000", "-t", "set"]),
+    );
+    let retransmitted = link.retransmissions() - retransmitted_before;
+    assert!(
+        retransmitted >= 100,
+        "{retransmitted} segments retransmitted: not every request start was lost"
+    );
+    assert_matches_redis(harness, &server, "request starts arriving last");
+    let client_sets = daemon_rows(harness, client, Role::Client)
+        .get("set")
+        .map_or(0, |row| row.calls);
+    assert_eq!(client_sets, 100, "client-side SETs");
 }
