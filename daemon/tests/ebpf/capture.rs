@@ -1,6 +1,6 @@
 //! eBPF capture, end to end: the real programs attached, real redis-server and real clients.
 //! Every check compares what the capture saw with what really crossed the socket.
-use std::{collections::BTreeMap, process::Command};
+use std::{collections::BTreeMap, process::Command, sync::atomic::Ordering::Relaxed};
 
 use respwatch_common::Direction;
 use respwatchd::{capture::CaptureConfig, streams::ConnId};
@@ -360,6 +360,86 @@ fn redis_py_and_ioredis_are_seen_on_both_sides() {
     assert_server_totals_match_redis(harness, &server);
     assert!(assert_client_and_server_streams_agree(harness, &server, py_pid) >= 1);
     assert!(assert_client_and_server_streams_agree(harness, &server, node_pid) >= 1);
+}
+
+/// Text protocols whose first bytes look like Redis inline commands or replies: memcached
+/// (`get k` → `END`), and servers that speak first — NATS (`INFO {…}`), SMTP (`220`), POP3
+/// (`+OK`, a RESP simple string). None of their bytes reaches the decoder, each connection is
+/// counted as not RESP or never tracked, and no state is kept for them afterwards.
+#[test]
+fn text_protocols_that_look_like_resp_leave_no_trace() {
+    let harness = Harness::get();
+    let _recording = harness.recording();
+    let not_resp_before = harness.shared.counters.not_resp.load(Relaxed);
+    let script = r#"
+import socket, socketserver, threading, os
+def serve(greeting, replies):
+    class Handler(socketserver.StreamRequestHandler):
+        def handle(self):
+            if greeting:
+                self.wfile.write(greeting)
+            for reply in replies:
+                if not self.rfile.readline():
+                    return
+                self.wfile.write(reply)
+    server = socketserver.TCPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server.server_address[1]
+talks = [
+    # memcached: the request is a valid inline command, only the reply gives it away.
+    (None, [b"END\r\n", b"STORED\r\n"], [b"get k\r\n", b"set k 0 0 1\r\nx\r\n"]),
+    (b'INFO {"server_id":"x"}\r\n', [b"+OK\r\n", b"PONG\r\n"], [b"CONNECT {}\r\n", b"PING\r\n"]),
+    (b"220 mail ESMTP\r\n", [b"250 hello\r\n"], [b"EHLO client\r\n"]),
+    (b"+OK POP3 ready\r\n", [b"+OK\r\n", b"+OK 2 320\r\n"], [b"USER a\r\n", b"STAT\r\n"]),
+]
+for greeting, replies, requests in talks:
+    port = serve(greeting, replies)
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        f = s.makefile("rb")
+        if greeting:
+            f.readline()
+        for request in requests:
+            s.sendall(request)
+            f.readline()
+print(os.getpid())
+"#;
+    let out = Command::new(python())
+        .args(["-c", script])
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pid: u32 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .expect("pid");
+    // A RESP exchange made afterwards shows the ring has been read past all of the above.
+    let server = RedisServer::start(&[]);
+    assert_eq!(server.cli(&["PING"]).stdout, b"PONG\n");
+    harness.wait_for("the marker PING", |h| h.chunks_of(server.pid()) >= 4);
+    assert_eq!(
+        harness.chunks_of(pid),
+        0,
+        "bytes of a text protocol reached the decoder"
+    );
+    // memcached's client and server sockets both looked like RESP until the reply.
+    let not_resp = harness.shared.counters.not_resp.load(Relaxed) - not_resp_before;
+    assert!(
+        not_resp >= 2,
+        "memcached not counted as not RESP ({not_resp})"
+    );
+    let handed_on = harness
+        .seen
+        .lock()
+        .expect("lock")
+        .conns
+        .values()
+        .filter(|conn| conn.process.pid == pid)
+        .count();
+    assert_eq!(handed_on, 0, "text-protocol connections were handed on");
 }
 
 #[test]
