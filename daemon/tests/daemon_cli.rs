@@ -206,17 +206,9 @@ fn http_get(port: u16, path: &str) -> String {
     body
 }
 
-/// TCP retransmissions on the node (`RetransSegs` of /proc/net/snmp).
+/// TCP retransmissions in the host's network namespace.
 fn retransmitted_segments() -> u64 {
-    let snmp = std::fs::read_to_string("/proc/net/snmp").expect("snmp");
-    let mut tcp = snmp.lines().filter(|line| line.starts_with("Tcp:"));
-    let (names, values) = (tcp.next().expect("names"), tcp.next().expect("values"));
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(name, _)| *name == "RetransSegs")
-        .and_then(|(_, value)| value.parse().ok())
-        .expect("RetransSegs")
+    kernel::retransmitted_segments(&std::fs::read_to_string("/proc/net/snmp").expect("snmp"))
 }
 
 /// With the ring as small as it gets, the programs fail to deliver most records, and still never

@@ -403,19 +403,7 @@ for greeting, replies, requests in talks:
             f.readline()
 print(os.getpid())
 "#;
-    let out = Command::new(python())
-        .args(["-c", script])
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pid: u32 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("pid");
+    let pid = support::run_python(script);
     // A RESP exchange made afterwards shows the ring has been read past all of the above.
     let server = RedisServer::start(&[]);
     assert_eq!(server.cli(&["PING"]).stdout, b"PONG\n");
@@ -477,19 +465,7 @@ subprocess.run(["cat", path], stdout=subprocess.DEVNULL, check=True)
 print(os.getpid())
 "#
     );
-    let out = Command::new(python())
-        .args(["-c", &script])
-        .output()
-        .expect("python");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pid: u32 = String::from_utf8_lossy(&out.stdout)
-        .trim()
-        .parse()
-        .expect("pid");
+    let pid = support::run_python(&script);
     // A RESP exchange made afterwards shows the ring has been read past all of the above.
     let server = RedisServer::start(&[]);
     let marker = server.cli(&["PING"]);
@@ -524,11 +500,10 @@ fn a_small_ring_counts_every_loss() {
     use respwatch_common::LossReason;
 
     let _turn = Harness::exclusive();
-    let small = Harness::start(CaptureConfig {
+    let small = Harness::start_recording(CaptureConfig {
         ring_bytes: 64 << 10,
         ..CaptureConfig::default()
     });
-    small.seen.lock().expect("lock").recording = true;
     let server = RedisServer::start(&[]);
     server.benchmark(&["-c", "20", "-n", "100000", "-P", "16", "-t", "set,get"]);
     let redis_in: u64 = server.info("stats")["total_net_input_bytes"]

@@ -15,6 +15,7 @@ use respwatchd::{capture::CaptureConfig, pipeline::monotonic_ns};
 
 use crate::{
     commandstats::{assert_matches_redis, client_rows_of, daemon_rows, redis_stats},
+    kernel,
     redis::client_script,
     support::{Harness, RedisServer, WAIT, node_modules, python},
 };
@@ -157,11 +158,10 @@ fn ipv6_and_v4_mapped_connections_are_exact() {
 #[test]
 fn a_small_ring_accounts_for_every_byte_per_connection() {
     let _turn = Harness::exclusive();
-    let small = Harness::start(CaptureConfig {
+    let small = Harness::start_recording(CaptureConfig {
         ring_bytes: 64 << 10,
         ..CaptureConfig::default()
     });
-    small.seen.lock().expect("lock").recording = true;
     let server = RedisServer::start(&[]);
     let (pid, report) = run_to_end(
         Command::new(python())
@@ -481,8 +481,10 @@ impl LossyLink {
             .arg("/proc/net/snmp")
             .output()
             .expect("snmp in the namespace");
-        retransmitted_segments(&String::from_utf8_lossy(&inside.stdout))
-            + retransmitted_segments(&std::fs::read_to_string("/proc/net/snmp").expect("snmp"))
+        kernel::retransmitted_segments(&String::from_utf8_lossy(&inside.stdout))
+            + kernel::retransmitted_segments(
+                &std::fs::read_to_string("/proc/net/snmp").expect("snmp"),
+            )
     }
 }
 
@@ -493,18 +495,6 @@ impl Drop for LossyLink {
             .args(["netns", "del", &self.namespace])
             .status();
     }
-}
-
-/// `RetransSegs` of a /proc/net/snmp text.
-fn retransmitted_segments(snmp: &str) -> u64 {
-    let mut tcp = snmp.lines().filter(|line| line.starts_with("Tcp:"));
-    let (names, values) = (tcp.next().unwrap_or(""), tcp.next().unwrap_or(""));
-    names
-        .split_whitespace()
-        .zip(values.split_whitespace())
-        .find(|(name, _)| *name == "RetransSegs")
-        .and_then(|(_, value)| value.parse().ok())
-        .expect("RetransSegs")
 }
 
 /// Through a link that really loses 2% of data segments in both directions (100 KB replies

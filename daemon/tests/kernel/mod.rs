@@ -126,3 +126,15 @@ pub fn cgroup_link_program_ids() -> BTreeSet<u64> {
         })
         .unwrap_or_default()
 }
+
+/// `RetransSegs` of a /proc/net/snmp text: TCP segments retransmitted in that network namespace.
+pub fn retransmitted_segments(snmp: &str) -> u64 {
+    let mut tcp = snmp.lines().filter(|line| line.starts_with("Tcp:"));
+    let (names, values) = (tcp.next().unwrap_or(""), tcp.next().unwrap_or(""));
+    names
+        .split_whitespace()
+        .zip(values.split_whitespace())
+        .find(|(name, _)| *name == "RetransSegs")
+        .and_then(|(_, value)| value.parse().ok())
+        .expect("RetransSegs")
+}

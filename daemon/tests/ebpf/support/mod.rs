@@ -101,6 +101,13 @@ impl Harness {
         })
     }
 
+    /// A capture of its own that records from the start: for a ring unlike the process-wide one.
+    pub fn start_recording(config: CaptureConfig) -> Harness {
+        let harness = Self::start(config);
+        harness.seen.lock().expect("lock").recording = true;
+        harness
+    }
+
     pub fn start(config: CaptureConfig) -> Harness {
         let (stop, stopped) = tokio::sync::watch::channel(false);
         // Reserved up front: growing a vector of millions of chunks would stall the consumer
@@ -337,4 +344,22 @@ pub fn assert_stream_matches(chunks: &[Chunk], expected: &[u8], what: &str) {
         expected.len(),
         "{what}: captured length differs from what crossed the socket"
     );
+}
+
+/// Runs a Python script that prints its own pid last; returns that pid once it has exited.
+pub fn run_python(script: &str) -> u32 {
+    let out = std::process::Command::new(python())
+        .args(["-c", script])
+        .output()
+        .expect("python");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .and_then(|line| line.trim().parse().ok())
+        .expect("the script's pid")
 }
