@@ -318,10 +318,11 @@ pub fn reply_head(peek: &[u8; CLASSIFY_PEEK], len: usize) -> bool {
         }
         b'_' => len < 2 || peek[1] == b'\r',
         b'#' => len < 2 || peek[1] == b't' || peek[1] == b'f',
-        // Simple strings and errors: printable text up to CRLF; an error starts with an
-        // upper-case code (ERR, WRONGTYPE, ...).
-        b'+' | b',' => printable_line(peek, len),
-        b'-' => (len < 2 || peek[1].is_ascii_uppercase()) && printable_line(peek, len),
+        // Simple strings and errors: any text up to CRLF. Redis echoes its callers' bytes in
+        // them (`redis.status_reply`, `redis.error_reply('lower case')`, unknown command names),
+        // so a stricter check would let a client hide its connection with its first command.
+        b'+' | b'-' => text_line(peek, len),
+        b',' => printable_line(peek, len),
         _ => false,
     }
 }
@@ -393,6 +394,21 @@ fn text_line_complete(peek: &[u8; CLASSIFY_PEEK], len: usize) -> bool {
         i += 1;
     }
     false
+}
+
+/// Up to the first CR: no line feed and no NUL (Redis builds these lines as C strings).
+#[inline(always)]
+fn text_line(peek: &[u8; CLASSIFY_PEEK], len: usize) -> bool {
+    let mut i = 1;
+    while i < len && i < CLASSIFY_PEEK {
+        match peek[i] {
+            b'\r' => return i + 1 >= len || i + 1 >= CLASSIFY_PEEK || peek[i + 1] == b'\n',
+            b'\n' | 0 => return false,
+            _ => {}
+        }
+        i += 1;
+    }
+    true
 }
 
 #[inline(always)]
@@ -536,6 +552,13 @@ mod tests {
             b"(12345678901234567890\r\n",
             b"+",
             b"$",
+            // What Redis echoes of its callers: scripts' replies, unknown command names.
+            b"-err lower",
+            b"-lower case\r\n",
+            b"+\x1b[2J\r\n",
+            b"-ERR \x1b[31mred",
+            b"+\r\n",
+            b"-\x01\x02",
         ] {
             assert!(reply(head), "{head:?}");
         }
@@ -550,10 +573,10 @@ mod tests {
             b"HTTP/1.1 200 OK\r\n",
             b"220 mail.example.com ESMTP",
             b"INFO {\"server_id\"",
-            b"-\x01\x02",
             b"+\x00\x01\x02",
+            b"-ERR\nmore",
+            b"+OK\rX",
             b"*abc\r\n",
-            b"-err lower",
         ] {
             assert!(!reply(head), "{head:?}");
         }

@@ -362,6 +362,27 @@ fn redis_py_and_ioredis_are_seen_on_both_sides() {
     assert!(assert_client_and_server_streams_agree(harness, &server, node_pid) >= 1);
 }
 
+/// Redis echoes its callers' bytes in replies: a script's `status_reply`/`error_reply` (lower
+/// case, control characters) or an unknown command's name. As a connection's first reply, such
+/// text must not make the capture take Redis for another protocol: a client could hide its
+/// whole connection that way. Each case runs on a fresh connection, and stays exact.
+#[test]
+fn first_replies_that_echo_any_bytes_keep_the_connection_seen() {
+    let harness = Harness::get();
+    let _turn = Harness::exclusive();
+    let server = RedisServer::start(&[]);
+    for (script, argument) in [
+        ("return redis.error_reply(ARGV[1])", "lower case"),
+        ("return redis.error_reply(ARGV[1])", "\x1b[31mred\x1b[0m"),
+        ("return redis.status_reply(ARGV[1])", "\x1b]0;title\x07"),
+        ("return redis.status_reply(ARGV[1])", ""),
+    ] {
+        server.cli(&["EVAL", script, "0", argument]);
+    }
+    server.cli(&["\x1bunknown", "x"]);
+    crate::commandstats::assert_matches_redis(harness, &server, "first replies echoing bytes");
+}
+
 /// Text protocols whose first bytes look like Redis inline commands or replies: memcached
 /// (`get k` → `END`), and servers that speak first — NATS (`INFO {…}`), SMTP (`220`), POP3
 /// (`+OK`, a RESP simple string). None of their bytes reaches the decoder, each connection is
