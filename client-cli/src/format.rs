@@ -1,5 +1,5 @@
 //! Shared rendering: times, latencies, who-did-it, colour, tables, JSON rows.
-use std::io::IsTerminal;
+use std::{borrow::Cow, io::IsTerminal};
 
 use respwatch_proto::{unix_ns, v1};
 use serde_json::{Value, json};
@@ -75,14 +75,42 @@ pub fn latency_usec(usec: f64) -> String {
     latency_ns((usec * 1000.0).round() as u64)
 }
 
+/// Text from the wire or from other pods (keys, error texts, command and process names) as it
+/// may be printed on a terminal: control characters (escape sequences could rewrite the
+/// operator's screen) and bidirectional overrides (which reorder what is shown) become visible
+/// escapes, `\x1b` or `\u{202e}`. Everything else is left as it is.
+pub fn visible(text: &str) -> Cow<'_, str> {
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(hidden) {
+        return Cow::Borrowed(text);
+    }
+    use std::fmt::Write;
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        // Writing to a String cannot fail.
+        let _ = if !hidden(c) {
+            out.write_char(c)
+        } else if c.is_ascii() {
+            write!(out, "\\x{:02x}", c as u32)
+        } else {
+            write!(out, "\\u{{{:x}}}", c as u32)
+        };
+    }
+    Cow::Owned(out)
+}
+
 /// `ns/pod` when the pod is known, else `comm[pid]` (or `comm` when grouped without pids).
 pub fn who(namespace: &str, pod: &str, comm: &str, pid: u32) -> String {
+    let (namespace, pod, comm) = (visible(namespace), visible(pod), visible(comm));
     if !pod.is_empty() {
         format!("{namespace}/{pod}")
     } else if pid != 0 {
         format!("{comm}[{pid}]")
     } else if !comm.is_empty() {
-        comm.to_owned()
+        comm.into_owned()
     } else {
         "*".to_owned()
     }
@@ -183,5 +211,15 @@ mod tests {
             &[false, true],
         );
         assert_eq!(t, "A   N\nxx  5\n");
+    }
+
+    #[test]
+    fn wire_text_cannot_reach_the_terminal_raw() {
+        assert!(matches!(visible("user:42 café"), Cow::Borrowed(_)));
+        assert_eq!(visible("\x1b]0;pwned\x07k"), "\\x1b]0;pwned\\x07k");
+        assert_eq!(visible("a\r\nb\tc\x7f"), "a\\x0d\\x0ab\\x09c\\x7f");
+        assert_eq!(visible("\u{9b}2J"), "\\u{9b}2J");
+        assert_eq!(visible("abc\u{202e}fed"), "abc\\u{202e}fed");
+        assert_eq!(who("", "", "evil\x1b[2J", 7), "evil\\x1b[2J[7]");
     }
 }

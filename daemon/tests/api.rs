@@ -272,6 +272,48 @@ fn normalise_row(row: &Value) -> BTreeMap<String, Value> {
         .collect()
 }
 
+/// Keys and error texts are written by any pod. What `redisctl` prints of them for a terminal
+/// carries no control byte and no bidirectional override, only visible escapes: a key cannot
+/// rewrite the operator's screen or title.
+#[test]
+fn redisctl_prints_no_control_byte_from_the_wire() {
+    let _turn = exclusive();
+    let _d = daemon();
+    let server = RedisServer::start(&[]);
+    let pid = server.pid().to_string();
+    let key = "\x1b]0;pwned\x07\x1b[2Jkey\u{202e}";
+    let outputs = watch_during(&[vec!["--pid".into(), pid.clone()]], || {
+        assert!(server.cli(&["SET", key, "v"]).status.success());
+        server.cli(&[
+            "EVAL",
+            "return redis.error_reply(ARGV[1])",
+            "0",
+            "ERR \x1b[31mred\x1b[0m",
+        ]);
+        wait_for_server_calls(server.pid(), &[("set", 1), ("eval", 1)]);
+    });
+    let stats = stdout(
+        &redisctl()
+            .args(["stats", "--pid", &pid])
+            .output()
+            .expect("redisctl stats"),
+    );
+    for (what, text) in [("watch", &outputs[0]), ("stats", &stats)] {
+        assert!(
+            !text
+                .chars()
+                .any(|c| c != '\n' && c.is_control() || c == '\u{202e}'),
+            "redisctl {what} printed a control character: {text:?}"
+        );
+    }
+    let watch = &outputs[0];
+    assert!(
+        watch.contains(r"\x1b]0;pwned\x07\x1b[2Jkey\u{202e}"),
+        "{watch}"
+    );
+    assert!(watch.contains(r"ERR \x1b[31mred\x1b[0m"), "{watch}");
+}
+
 #[test]
 fn redisctl_stats_json_equals_get_stats_from_grpcurl() {
     let _turn = exclusive();

@@ -8,7 +8,7 @@ use crate::{
     client::{ServerArgs, connect, status_error},
     cluster::{Answers, ClusterArgs, Failure, ask_all},
     filters::{FilterArgs, parse_duration},
-    format::{emit, error_total, latency_usec, role, row_json, table, who},
+    format::{emit, error_total, latency_usec, role, row_json, table, visible, who},
 };
 
 #[derive(Debug, clap::Args)]
@@ -185,7 +185,7 @@ fn table_of<'a>(rows: impl Iterator<Item = (Option<&'a str>, &'a v1::StatsRow)>)
             let errors: Vec<String> = row
                 .errors
                 .iter()
-                .map(|(prefix, count)| format!("{prefix}:{count}"))
+                .map(|(prefix, count)| format!("{}:{count}", visible(prefix)))
                 .collect();
             let mut cells = vec![
                 who(&row.namespace, &row.pod, &row.comm, row.pid),
@@ -193,7 +193,7 @@ fn table_of<'a>(rows: impl Iterator<Item = (Option<&'a str>, &'a v1::StatsRow)>)
                 if row.command.is_empty() {
                     "*".to_owned()
                 } else {
-                    row.command.clone()
+                    visible(&row.command).into_owned()
                 },
                 row.calls.to_string(),
                 row.usec.to_string(),

@@ -8,7 +8,7 @@ use super::{Group, SortBy, sort_rows};
 use crate::{
     client::{ServerArgs, connect, status_error},
     filters::{FilterArgs, parse_duration},
-    format::{clock, colour_enabled, error_total, latency_usec, paint, role, table, who},
+    format::{clock, colour_enabled, error_total, latency_usec, paint, role, table, visible, who},
 };
 
 #[derive(Debug, clap::Args)]
@@ -139,7 +139,7 @@ fn frame(
                 if row.command.is_empty() {
                     "*".to_owned()
                 } else {
-                    row.command.clone()
+                    visible(&row.command).into_owned()
                 },
                 format!("{:.1}", row.calls as f64 / f64::from(window)),
                 row.calls.to_string(),

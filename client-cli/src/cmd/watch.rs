@@ -9,7 +9,7 @@ use crate::{
     client::{ServerArgs, connect, status_error},
     cluster::{ClusterArgs, Delivery, Failure, discover, none_answered, watch_all},
     filters::{EventFilterArgs, FilterArgs, parse_duration},
-    format::{clock, colour_enabled, latency_ns, paint, rfc3339, role, who},
+    format::{clock, colour_enabled, latency_ns, paint, rfc3339, role, visible, who},
 };
 
 #[derive(Debug, clap::Args)]
@@ -213,17 +213,21 @@ pub async fn run_cluster(
 pub fn compact(node: Option<&str>, event: &v1::CommandEvent, colour: bool) -> String {
     let who = who(&event.namespace, &event.pod, &event.comm, event.pid);
     let key = if event.key.is_empty() {
-        "-"
+        "-".into()
     } else {
-        &event.key
+        visible(&event.key)
     };
     let outcome = if event.error_prefix.is_empty() {
-        event.reply.clone()
+        visible(&event.reply).into_owned()
     } else {
         let text = if event.error_message.starts_with(&event.error_prefix) {
-            event.error_message.clone()
+            visible(&event.error_message).into_owned()
         } else {
-            format!("{} {}", event.error_prefix, event.error_message)
+            format!(
+                "{} {}",
+                visible(&event.error_prefix),
+                visible(&event.error_message)
+            )
         };
         paint(colour, "31", &text)
     };
@@ -238,7 +242,7 @@ pub fn compact(node: Option<&str>, event: &v1::CommandEvent, colour: bool) -> St
         "{}  {node}{who}  {}  {}  {key}  {latency}  {outcome}",
         paint(colour, "2", &clock(event.time.as_ref())),
         role(event.role),
-        paint(colour, "1", &event.command),
+        paint(colour, "1", &visible(&event.command)),
     )
 }
 

@@ -198,12 +198,21 @@ pub fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
 /// Waits until the server side of process `pid` has at least these calls per command: a total
 /// would also count calls nobody listed (the PING that checks a server is up).
 pub fn wait_for_server_calls(pid: u32, expected: &[(&str, u64)]) {
-    wait_for(&format!("server calls {expected:?}"), || {
+    let deadline = Instant::now() + WAIT;
+    loop {
         let calls = server_calls(pid);
-        expected
+        if expected
             .iter()
             .all(|(command, n)| calls.get(*command).copied().unwrap_or(0) >= *n)
-    });
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for server calls {expected:?}; seen {calls:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 /// Waits until at least `n` Watch streams are open on the daemon.
