@@ -70,10 +70,12 @@ struct Args {
     /// PEM CA: when set, gRPC clients must present a certificate it signed.
     #[arg(long, env = "RESPWATCH_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
-    /// Kubernetes pod metadata: `auto` (on with --kubeconfig or inside a cluster), `on`, `off`.
+    /// Kubernetes pod metadata: `auto` (on with --kubeconfig, $KUBECONFIG or inside a
+    /// cluster), `on`, `off`.
     #[arg(long, env = "RESPWATCH_KUBERNETES", default_value_t = Mode::Auto)]
     kubernetes: Mode,
-    /// Kubeconfig file for the pod watcher (default inside a cluster: the service account).
+    /// Kubeconfig file for the pod watcher (default: $KUBECONFIG as kubectl reads it, else
+    /// inside a cluster the service account).
     #[arg(long, env = "RESPWATCH_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
     /// Only observe pods of these namespaces (comma-separated; default: everything). Host
@@ -155,7 +157,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let kube_client = kubernetes::client(&kube_config).await?;
     if kube_client.is_none() && !namespaces.is_empty() {
         anyhow::bail!(
-            "--namespaces needs Kubernetes pod metadata: pass --kubeconfig, run in a cluster or use --kubernetes on"
+            "--namespaces needs Kubernetes pod metadata: pass --kubeconfig or set $KUBECONFIG, run in a cluster or use --kubernetes on"
         );
     }
     let pods = kube_client

@@ -542,11 +542,32 @@ fn without_kubernetes_the_daemon_says_disabled_and_namespaces_need_it() {
         .args(["--namespaces", "prod", "--grpc-listen", "127.0.0.1:0"])
         .env_remove("KUBERNETES_SERVICE_HOST")
         .env_remove("RESPWATCH_KUBECONFIG")
+        .env_remove("KUBECONFIG")
         .output()
         .expect("respwatchd");
     assert!(!out.status.success());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("--namespaces needs Kubernetes"), "{stderr}");
+}
+
+/// Like kubectl and `redisctl --cluster`, the daemon finds its cluster through `$KUBECONFIG`
+/// when no `--kubeconfig` is given.
+#[test]
+fn the_kubeconfig_environment_variable_is_honoured() {
+    let _turn = exclusive();
+    let node = "node-env";
+    let api = ApiServer::start();
+    let kubeconfig = api.kubeconfig();
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let daemon =
+        Daemon::start_with_env(&[], node, &grpc, &[("KUBECONFIG", kubeconfig.as_os_str())]);
+    daemon.wait_synced();
+    assert!(
+        api.request_log()
+            .iter()
+            .any(|r| r.contains("fieldSelector=spec.nodeName%3Dnode-env")),
+        "the daemon listed this node's pods through $KUBECONFIG"
+    );
 }
 
 #[test]

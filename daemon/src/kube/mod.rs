@@ -32,7 +32,7 @@ pub use index::{Labels, PodIndex, PodMeta};
 /// `--kubernetes`: whether to watch pods.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Mode {
-    /// On when `--kubeconfig` is given or the in-cluster environment is there
+    /// On when `--kubeconfig` or `$KUBECONFIG` is given or the in-cluster environment is there
     /// (`KUBERNETES_SERVICE_HOST`); otherwise off.
     #[default]
     Auto,
@@ -88,6 +88,12 @@ pub async fn client(config: &KubeConfig) -> anyhow::Result<Option<Client>> {
             kube::Config::from_custom_kubeconfig(file, &KubeConfigOptions::default())
                 .await
                 .with_context(|| format!("kubeconfig {}", path.display()))?
+        }
+        // `$KUBECONFIG`, as kubectl and kube-rs read it (a list of files, merged).
+        (_, None) if std::env::var_os("KUBECONFIG").is_some_and(|v| !v.is_empty()) => {
+            kube::Config::infer()
+                .await
+                .context("the kubeconfig in $KUBECONFIG")?
         }
         (Mode::Auto, None) if !in_cluster => return Ok(None),
         (_, None) if in_cluster => kube::Config::incluster()

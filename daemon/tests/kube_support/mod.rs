@@ -879,6 +879,17 @@ impl Daemon {
 
     /// [`Daemon::start`] with the gRPC API on `grpc` (`ip:port`), e.g. a loopback "pod IP".
     pub fn start_at(args: &[&str], node: &str, grpc: &str) -> Daemon {
+        Daemon::start_with_env(args, node, grpc, &[])
+    }
+
+    /// [`Daemon::start_at`] with these environment variables set (and no other kubeconfig or
+    /// in-cluster variable inherited from the test's environment).
+    pub fn start_with_env(
+        args: &[&str],
+        node: &str,
+        grpc: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+    ) -> Daemon {
         let grpc = grpc.to_owned();
         let metrics = format!("127.0.0.1:{}", free_port());
         let log = std::env::temp_dir().join(format!("respwatchd-kube-{}.log", unique()));
@@ -890,6 +901,9 @@ impl Daemon {
             .args(args)
             .env("NODE_NAME", node)
             .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("KUBECONFIG")
+            .env_remove("RESPWATCH_KUBECONFIG")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file);
         die_with_parent(&mut command);
