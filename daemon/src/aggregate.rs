@@ -347,11 +347,18 @@ impl Aggregator {
     }
 
     /// Forgets rows whose process is gone and that saw nothing for `grace_ns`, so series of
-    /// exited processes and deleted pods do not live forever.
-    pub fn expire(&mut self, now_unix_ns: u64, grace_ns: u64, alive: impl Fn(&RowKey) -> bool) {
-        self.total.retain(|key, stats| {
-            alive(key) || now_unix_ns.saturating_sub(stats.last_seen_ns) < grace_ns
-        });
+    /// exited processes and deleted pods do not live forever; returns them.
+    pub fn expire(
+        &mut self,
+        now_unix_ns: u64,
+        grace_ns: u64,
+        alive: impl Fn(&RowKey) -> bool,
+    ) -> Vec<(RowKey, RowStats)> {
+        self.total
+            .extract_if(|key, stats| {
+                !alive(key) && now_unix_ns.saturating_sub(stats.last_seen_ns) >= grace_ns
+            })
+            .collect()
     }
 }
 

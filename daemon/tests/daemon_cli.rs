@@ -519,3 +519,103 @@ fn serves_the_api_over_tls_with_optional_client_certificates() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The value of the `/metrics` sample `series` (name and labels exactly as exposed), if present.
+fn sample(exposition: &str, series: &str) -> Option<f64> {
+    exposition
+        .lines()
+        .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A series sums the rows of several processes. When one of them exits and its row expires, the
+/// series keeps what that process counted: a Prometheus counter never goes down while its
+/// series lives (`rate()` would read it as a reset), and it goes away with its last process.
+#[test]
+fn metric_counters_never_go_down_when_a_process_row_expires() {
+    let _turn = one_daemon_at_a_time();
+    let server = redis::RedisServer::start(&[]);
+    let port = server.port.to_string();
+    // Our clients under a name of their own, so no other process on the node joins the series.
+    let dir = std::env::temp_dir().join(format!("respwatch-expiry-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let cli = dir.join("rw-expiry-cli");
+    std::fs::copy(
+        String::from_utf8_lossy(
+            &Command::new("sh")
+                .args(["-c", "command -v redis-cli"])
+                .output()
+                .expect("sh")
+                .stdout,
+        )
+        .trim(),
+        &cli,
+    )
+    .expect("copy redis-cli");
+    let metrics_port = free_port();
+    let mut command = daemon_at(metrics_port);
+    command.args([
+        "--expire-seconds",
+        "1",
+        "--metrics-labels",
+        "comm,role,command",
+    ]);
+    let (mut daemon, _) = start(command);
+    // One client stays (one SET, then it waits a minute before the next); three exit.
+    let mut staying = Command::new(&cli)
+        .args(["-p", &port, "-r", "100", "-i", "60", "SET", "b", "1"])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("staying client");
+    for _ in 0..3 {
+        let out = Command::new(&cli)
+            .args(["-p", &port, "SET", "a", "1"])
+            .output()
+            .expect("client");
+        assert!(out.status.success());
+    }
+    let series = r#"respwatch_commands_total{comm="rw-expiry-cli",role="client",command="set"}"#;
+    let scrape = || http_get(metrics_port, "/metrics");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let rows_before = loop {
+        let text = scrape();
+        if sample(&text, series) == Some(4.0) {
+            break sample(&text, "respwatch_stats_rows").expect("rows gauge");
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "4 SETs never showed: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    // The three exited clients' rows expire (1 s idle); the series must not move.
+    loop {
+        let text = scrape();
+        assert_eq!(sample(&text, series), Some(4.0), "while rows expire");
+        if sample(&text, "respwatch_stats_rows").expect("rows gauge") <= rows_before - 3.0 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no row expired: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // With its last process gone, the series goes too: nothing is kept for it.
+    let _ = staying.kill();
+    let _ = staying.wait();
+    loop {
+        let text = scrape();
+        match sample(&text, series) {
+            None => break,
+            Some(value) => assert_eq!(value, 4.0, "until the series goes"),
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the series stayed: {text}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    signal(&daemon, libc::SIGTERM);
+    let _ = daemon.wait();
+    let _ = std::fs::remove_dir_all(dir);
+}

@@ -178,16 +178,13 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 type PerRow = (&'static str, &'static str, fn(&RowStats) -> u64);
 
 /// Renders the exposition (text format 0.0.4).
-pub fn render(state: &ServeState, chosen: &MetricLabels) -> String {
-    let rows = {
-        let Ok(aggregator) = state.shared.aggregator.lock() else {
-            return String::new();
-        };
-        aggregator.query(|_| true, &convert::ALL_GROUP_BY, None)
-    };
-    let attributor = &state.shared.attributor;
+/// Rows summed by the exported label values (what is not exported is summed over).
+fn series_of(
+    rows: Vec<(RowKey, RowStats)>,
+    chosen: &MetricLabels,
+    attributor: &Attributor,
+) -> BTreeMap<Vec<String>, RowStats> {
     let rows = convert::current_rows(rows, attributor);
-    // Sum rows by the exported label values (what is not exported is summed over).
     let mut series: BTreeMap<Vec<String>, RowStats> = BTreeMap::new();
     let group_by = chosen.group_by();
     for (key, stats) in &rows {
@@ -197,6 +194,58 @@ pub fn render(state: &ServeState, chosen: &MetricLabels) -> String {
             .or_default()
             .merge(stats);
     }
+    series
+}
+
+/// What expired rows had counted, by the label values of their series. Folded back into a
+/// series while it has live rows, so its counters never go down when one of its processes exits
+/// (`rate()` would read that as a reset); dropped with the series' last live row.
+#[derive(Default)]
+pub struct RetiredSeries(std::sync::Mutex<BTreeMap<Vec<String>, RowStats>>);
+
+impl RetiredSeries {
+    pub fn retire(
+        &self,
+        rows: Vec<(RowKey, RowStats)>,
+        chosen: &MetricLabels,
+        attributor: &Attributor,
+    ) {
+        if rows.is_empty() {
+            return;
+        }
+        let expired = series_of(rows, chosen, attributor);
+        let mut retired = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (values, stats) in expired {
+            retired.entry(values).or_default().merge(&stats);
+        }
+    }
+
+    /// Adds what is retired to the live `series`, forgetting what no live series carries on.
+    fn fold_into(&self, series: &mut BTreeMap<Vec<String>, RowStats>) {
+        let mut retired = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        retired.retain(|values, stats| match series.get_mut(values) {
+            Some(live) => {
+                live.merge(stats);
+                true
+            }
+            None => false,
+        });
+    }
+}
+
+pub fn render(state: &ServeState, chosen: &MetricLabels) -> String {
+    let (rows, row_count) = {
+        let Ok(aggregator) = state.shared.aggregator.lock() else {
+            return String::new();
+        };
+        (
+            aggregator.query(|_| true, &convert::ALL_GROUP_BY, None),
+            aggregator.rows(),
+        )
+    };
+    let attributor = &state.shared.attributor;
+    let mut series = series_of(rows, chosen, attributor);
+    state.retired.fold_into(&mut series);
     let names: Vec<&str> = chosen.0.iter().map(|l| l.name()).collect();
     let pairs = |values: &[String]| -> Vec<(&str, String)> {
         names.iter().copied().zip(values.iter().cloned()).collect()
@@ -284,6 +333,13 @@ pub fn render(state: &ServeState, chosen: &MetricLabels) -> String {
         );
         let _ = writeln!(out, "{name}_count{} {count}", labels(&pairs(values)));
     }
+    header(
+        &mut out,
+        "respwatch_stats_rows",
+        "gauge",
+        "Rows the daemon keeps (process, peer, role, command); rows of exited processes expire.",
+    );
+    let _ = writeln!(out, "respwatch_stats_rows {row_count}");
     render_daemon(&mut out, state);
     out
 }

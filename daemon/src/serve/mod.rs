@@ -100,6 +100,8 @@ pub struct ServeState {
     pub subscribers: AtomicU64,
     /// Matching events Watch subscribers could not take (their queues were full).
     pub subscriber_drops: AtomicU64,
+    /// Counts of expired rows that `/metrics` series still carry.
+    pub retired: metrics::RetiredSeries,
 }
 
 impl ServeState {
@@ -119,6 +121,7 @@ impl ServeState {
             watch_queue: config.watch_queue.max(1),
             subscribers: AtomicU64::new(0),
             subscriber_drops: AtomicU64::new(0),
+            retired: metrics::RetiredSeries::default(),
         })
     }
 }
@@ -152,6 +155,7 @@ impl Servers {
         let expiry = tokio::spawn(expire_rows(
             Arc::clone(&state),
             config.expire_after,
+            config.metric_labels.clone(),
             stopped,
         ));
         Ok(Servers {
@@ -177,6 +181,7 @@ impl Servers {
 async fn expire_rows(
     state: Arc<ServeState>,
     grace: Duration,
+    metric_labels: MetricLabels,
     mut stop: signal::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let mut tick =
@@ -184,14 +189,18 @@ async fn expire_rows(
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                if let Ok(mut aggregator) = state.shared.aggregator.lock() {
-                    let attributor = &state.shared.attributor;
-                    // Rows of exited processes, and of pods deleted longer than the pod grace
-                    // period ago, expire once idle for `grace`.
-                    aggregator.expire(now_unix_ns(), grace.as_nanos() as u64, |key| {
-                        process_alive(key.pid) && !attributor.pod_gone(key)
-                    });
-                }
+                let attributor = &state.shared.attributor;
+                // Rows of exited processes, and of pods deleted longer than the pod grace
+                // period ago, expire once idle for `grace`.
+                let expired = match state.shared.aggregator.lock() {
+                    Ok(mut aggregator) => {
+                        aggregator.expire(now_unix_ns(), grace.as_nanos() as u64, |key| {
+                            process_alive(key.pid) && !attributor.pod_gone(key)
+                        })
+                    }
+                    Err(_) => Vec::new(),
+                };
+                state.retired.retire(expired, &metric_labels, attributor);
             }
             _ = stop.changed() => return Ok(()),
         }
