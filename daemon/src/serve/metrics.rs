@@ -177,7 +177,6 @@ fn header(out: &mut String, name: &str, kind: &str, help: &str) {
 /// A per-row counter: name, help, value.
 type PerRow = (&'static str, &'static str, fn(&RowStats) -> u64);
 
-/// Renders the exposition (text format 0.0.4).
 /// Rows summed by the exported label values (what is not exported is summed over).
 fn series_of(
     rows: Vec<(RowKey, RowStats)>,
@@ -233,6 +232,7 @@ impl RetiredSeries {
     }
 }
 
+/// Renders the exposition (text format 0.0.4).
 pub fn render(state: &ServeState, chosen: &MetricLabels) -> String {
     let (rows, row_count) = {
         let Ok(aggregator) = state.shared.aggregator.lock() else {
