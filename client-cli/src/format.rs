@@ -80,10 +80,7 @@ pub fn latency_usec(usec: f64) -> String {
 /// operator's screen) and bidirectional overrides (which reorder what is shown) become visible
 /// escapes, `\x1b` or `\u{202e}`. Everything else is left as it is.
 pub fn visible(text: &str) -> Cow<'_, str> {
-    let hidden = |c: char| {
-        c.is_control()
-            || matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
-    };
+    let hidden = |c: char| c.is_control() || is_bidi_control(c);
     if !text.chars().any(hidden) {
         return Cow::Borrowed(text);
     }
@@ -100,6 +97,14 @@ pub fn visible(text: &str) -> Cow<'_, str> {
         };
     }
     Cow::Owned(out)
+}
+
+/// Unicode's bidirectional marks, embeddings, overrides and isolates.
+fn is_bidi_control(c: char) -> bool {
+    matches!(
+        c,
+        '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}'
+    )
 }
 
 /// `ns/pod` when the pod is known, else `comm[pid]` (or `comm` when grouped without pids).
