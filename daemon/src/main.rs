@@ -61,6 +61,10 @@ struct Args {
     /// Matching events buffered per Watch subscriber before it gets loss notices instead.
     #[arg(long, env = "RESPWATCH_WATCH_QUEUE", default_value_t = 4096)]
     watch_queue: usize,
+    /// Watch streams open at once; more are refused with RESOURCE_EXHAUSTED (each costs a
+    /// filter pass per command and a queue).
+    #[arg(long, env = "RESPWATCH_MAX_SUBSCRIBERS", default_value_t = 64)]
+    max_subscribers: u64,
     /// PEM certificate for TLS on the gRPC port (with --tls-key).
     #[arg(long, env = "RESPWATCH_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -196,6 +200,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         metric_labels: args.metrics_labels,
         expire_after: Duration::from_secs(args.expire_seconds),
         watch_queue: args.watch_queue,
+        max_subscribers: args.max_subscribers,
     };
     let servers = Servers::start(pipeline.shared(), serve, pipeline.attached()).await?;
     let (stop, stopped) = watch::channel(false);

@@ -314,6 +314,59 @@ fn redisctl_prints_no_control_byte_from_the_wire() {
     assert!(watch.contains(r"ERR \x1b[31mred\x1b[0m"), "{watch}");
 }
 
+/// Each Watch stream costs a filter pass per command and a queue: the daemon takes at most
+/// `--max-subscribers` of them and refuses more with RESOURCE_EXHAUSTED, a place coming back when
+/// a stream ends; and it refuses filter lists it would judge every event against without bound.
+#[test]
+fn the_api_bounds_watch_streams_and_filters() {
+    let _turn = exclusive();
+    let d = daemon();
+    let open = status().subscribers;
+    runtime().block_on(async {
+        let mut client = client(&d.grpc).await.expect("connect");
+        let mut streams = Vec::new();
+        for _ in open..MAX_SUBSCRIBERS {
+            let stream = client.watch(v1::WatchRequest::default()).await;
+            streams.push(stream.expect("a free place").into_inner());
+        }
+        let refused = client
+            .watch(v1::WatchRequest::default())
+            .await
+            .expect_err("one stream too many");
+        assert_eq!(refused.code(), tonic::Code::ResourceExhausted, "{refused}");
+        drop(streams.pop());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match client.watch(v1::WatchRequest::default()).await {
+                Ok(stream) => {
+                    streams.push(stream.into_inner());
+                    break;
+                }
+                Err(status) => assert!(
+                    status.code() == tonic::Code::ResourceExhausted && Instant::now() < deadline,
+                    "the place of an ended stream never came back: {status}"
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let too_many = v1::GetStatsRequest {
+            allow: vec![v1::Filter::default(); 33],
+            ..Default::default()
+        };
+        let refused = client.get_stats(too_many).await.expect_err("33 filters");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+        let huge = v1::WatchRequest {
+            deny: vec![v1::Filter {
+                labels: "a".repeat(5000),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let refused = client.watch(huge).await.expect_err("a 5 KB filter");
+        assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused}");
+    });
+}
+
 #[test]
 fn redisctl_stats_json_equals_get_stats_from_grpcurl() {
     let _turn = exclusive();

@@ -276,8 +276,27 @@ pub struct FilterSet {
     deny: Vec<Filter>,
 }
 
+/// Filters per list, and the encoded size of one filter: every event of a subscriber is judged
+/// against all of them, so a caller cannot make that unbounded.
+pub const MAX_FILTERS: usize = 32;
+pub const MAX_FILTER_BYTES: usize = 4096;
+
 impl FilterSet {
     pub fn parse(allow: &[v1::Filter], deny: &[v1::Filter]) -> Result<FilterSet, Status> {
+        if allow.len() > MAX_FILTERS || deny.len() > MAX_FILTERS {
+            return Err(Status::invalid_argument(format!(
+                "at most {MAX_FILTERS} allow and {MAX_FILTERS} deny filters"
+            )));
+        }
+        if allow
+            .iter()
+            .chain(deny)
+            .any(|filter| prost::Message::encoded_len(filter) > MAX_FILTER_BYTES)
+        {
+            return Err(Status::invalid_argument(format!(
+                "a filter is at most {MAX_FILTER_BYTES} bytes"
+            )));
+        }
         let parse = |list: &[v1::Filter]| {
             list.iter()
                 .map(Filter::parse)

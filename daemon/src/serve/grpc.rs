@@ -4,6 +4,7 @@ use std::{
     collections::HashMap,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
+    time::Duration,
 };
 
 use anyhow::Context;
@@ -50,6 +51,20 @@ impl v1::observer_server::Observer for Observer {
     ) -> Result<Response<Self::WatchStream>, Status> {
         let request = request.into_inner();
         let filters = FilterSet::parse(&request.allow, &request.deny)?;
+        // A place is taken here and given back when the subscriber ends.
+        let max = self.state.max_subscribers;
+        if self
+            .state
+            .subscribers
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |open| {
+                (open < max).then_some(open + 1)
+            })
+            .is_err()
+        {
+            return Err(Status::resource_exhausted(format!(
+                "{max} Watch streams are open already (--max-subscribers)"
+            )));
+        }
         Ok(Response::new(watch::subscribe(
             Arc::clone(&self.state),
             filters,
@@ -222,7 +237,12 @@ pub async fn start(
     };
     let reflection_v1 = reflection().build_v1().context("reflection v1")?;
     let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
-    let mut builder = Server::builder();
+    // Dead peers and half-open connections are found and closed instead of holding a
+    // subscriber's place forever.
+    let mut builder = Server::builder()
+        .tcp_keepalive(Some(Duration::from_secs(60)))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
     if let Some(tls) = tls_config(config)? {
         builder = builder.tls_config(tls).context("TLS configuration")?;
     } else if let ListenAddr::Tcp(addr) = &config.grpc_listen

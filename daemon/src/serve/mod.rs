@@ -84,6 +84,8 @@ pub struct ServeConfig {
     pub expire_after: Duration,
     /// Matching events buffered per Watch subscriber before it gets loss notices instead.
     pub watch_queue: usize,
+    /// Watch streams open at once.
+    pub max_subscribers: u64,
 }
 
 /// What the serving side knows beyond the pipeline's counters.
@@ -96,6 +98,7 @@ pub struct ServeState {
     pub kernel_release: String,
     pub attached: Vec<String>,
     pub watch_queue: usize,
+    pub max_subscribers: u64,
     /// Open Watch streams.
     pub subscribers: AtomicU64,
     /// Matching events Watch subscribers could not take (their queues were full).
@@ -119,6 +122,7 @@ impl ServeState {
             kernel_release: kernel_release(),
             attached,
             watch_queue: config.watch_queue.max(1),
+            max_subscribers: config.max_subscribers,
             subscribers: AtomicU64::new(0),
             subscriber_drops: AtomicU64::new(0),
             retired: metrics::RetiredSeries::default(),

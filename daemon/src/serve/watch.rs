@@ -47,8 +47,8 @@ pub fn subscribe(state: Arc<ServeState>, filters: FilterSet, last: usize) -> Rec
     } else {
         (Vec::new(), HashSet::new())
     };
+    // The caller has counted this subscriber in `state.subscribers`; it is uncounted on drop.
     let (tx, rx) = mpsc::channel(state.watch_queue);
-    state.subscribers.fetch_add(1, Ordering::Relaxed);
     let subscriber = Subscriber {
         state,
         filters,

@@ -20,6 +20,9 @@ pub const WAIT: Duration = Duration::from_secs(30);
 /// Events each Watch subscriber may have queued in the test daemon.
 pub const WATCH_QUEUE: usize = 1000;
 
+/// Watch streams the test daemon takes at once.
+pub const MAX_SUBSCRIBERS: u32 = 12;
+
 pub struct Daemon {
     pub grpc: String,
     pub metrics: String,
@@ -51,6 +54,7 @@ pub fn daemon() -> &'static Daemon {
                     "api-test",
                 ])
                 .args(["--watch-queue", &WATCH_QUEUE.to_string(), "--log", "warn"])
+                .args(["--max-subscribers", &MAX_SUBSCRIBERS.to_string()])
                 .args([
                     "--metrics-labels",
                     "namespace,pod,container,pid,comm,role,command",
