@@ -520,6 +520,16 @@ fn serves_the_api_over_tls_with_optional_client_certificates() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+/// A child process killed (and reaped) when the test ends, also when it fails half-way.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// The value of the `/metrics` sample `series` (name and labels exactly as exposed), if present.
 fn sample(exposition: &str, series: &str) -> Option<f64> {
     exposition
@@ -559,13 +569,15 @@ fn metric_counters_never_go_down_when_a_process_row_expires() {
         "--metrics-labels",
         "comm,role,command",
     ]);
-    let (mut daemon, _) = start(command);
+    let (daemon, _) = start(command);
+    let mut daemon = Reaped(daemon);
     // One client stays (one SET, then it waits a minute before the next); three exit.
-    let mut staying = Command::new(&cli)
+    let staying = Command::new(&cli)
         .args(["-p", &port, "-r", "100", "-i", "60", "SET", "b", "1"])
         .stdout(Stdio::null())
         .spawn()
         .expect("staying client");
+    let staying = Reaped(staying);
     for _ in 0..3 {
         let out = Command::new(&cli)
             .args(["-p", &port, "SET", "a", "1"])
@@ -601,8 +613,7 @@ fn metric_counters_never_go_down_when_a_process_row_expires() {
         std::thread::sleep(Duration::from_millis(100));
     }
     // With its last process gone, the series goes too: nothing is kept for it.
-    let _ = staying.kill();
-    let _ = staying.wait();
+    drop(staying);
     loop {
         let text = scrape();
         match sample(&text, series) {
@@ -615,7 +626,7 @@ fn metric_counters_never_go_down_when_a_process_row_expires() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    signal(&daemon, libc::SIGTERM);
-    let _ = daemon.wait();
+    signal(&daemon.0, libc::SIGTERM);
+    let _ = daemon.0.wait();
     let _ = std::fs::remove_dir_all(dir);
 }
