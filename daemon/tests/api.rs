@@ -452,15 +452,7 @@ fn prometheus_scrapes_the_same_totals_as_get_stats() {
     let pid = server.pid();
     wait_for_server_calls(pid, &[("set", 500), ("get", 500), ("lpush", 1)]);
     std::thread::sleep(Duration::from_millis(300));
-    let rows = stats(v1::GetStatsRequest {
-        allow: vec![v1::Filter {
-            pid,
-            role: v1::Role::Server as i32,
-            ..Default::default()
-        }],
-        group_by: vec![v1::GroupBy::Command as i32],
-        ..Default::default()
-    });
+    let rows = server_rows(pid);
     let calls: u64 = rows.iter().map(|r| r.calls).sum();
     let failed: u64 = rows.iter().map(|r| r.failed_calls).sum();
     let bytes_in: u64 = rows.iter().map(|r| r.bytes_in).sum();
@@ -993,16 +985,7 @@ fn redisctl_says_clearly_when_the_daemon_is_unreachable() {
 
 /// Server-role rows of one process by command: (calls, rejected, failed).
 fn server_counts(pid: u32) -> BTreeMap<String, (u64, u64, u64)> {
-    let request = v1::GetStatsRequest {
-        allow: vec![v1::Filter {
-            pid,
-            role: v1::Role::Server as i32,
-            ..Default::default()
-        }],
-        group_by: vec![v1::GroupBy::Command as i32],
-        ..Default::default()
-    };
-    stats(request)
+    server_rows(pid)
         .into_iter()
         .map(|row| {
             (

@@ -424,10 +424,9 @@ impl Correlator {
         uncopied: u64,
         out: &mut Vec<Output>,
     ) {
-        let mut decoded = std::mem::take(&mut self.decoded);
-        self.decoder(dir).feed(copied, uncopied, &mut decoded);
-        self.handle(dir, ts_ns, &mut decoded, out);
-        self.decoded = decoded;
+        self.feed_bytes(dir, ts_ns, out, |decoder, decoded| {
+            decoder.feed(copied, uncopied, decoded)
+        });
     }
 
     /// Like [`Correlator::feed`], for bytes that continue a chunk rather than start one (see
@@ -440,19 +439,30 @@ impl Correlator {
         uncopied: u64,
         out: &mut Vec<Output>,
     ) {
+        self.feed_bytes(dir, ts_ns, out, |decoder, decoded| {
+            decoder.feed_continuation(copied, uncopied, decoded)
+        });
+    }
+
+    /// Runs `feed` on the decoder of `dir` into the reused frame buffer, then pairs its frames.
+    fn feed_bytes(
+        &mut self,
+        dir: Direction,
+        ts_ns: u64,
+        out: &mut Vec<Output>,
+        feed: impl FnOnce(&mut Decoder, &mut Vec<Decoded>),
+    ) {
         let mut decoded = std::mem::take(&mut self.decoded);
-        self.decoder(dir)
-            .feed_continuation(copied, uncopied, &mut decoded);
+        feed(self.decoder(dir), &mut decoded);
         self.handle(dir, ts_ns, &mut decoded, out);
         self.decoded = decoded;
     }
 
     /// `len` bytes of `dir` were lost before `ts_ns`.
     pub fn lose(&mut self, dir: Direction, ts_ns: u64, len: u64, out: &mut Vec<Output>) {
-        let mut decoded = std::mem::take(&mut self.decoded);
-        self.decoder(dir).lose(len, &mut decoded);
-        self.handle(dir, ts_ns, &mut decoded, out);
-        self.decoded = decoded;
+        self.feed_bytes(dir, ts_ns, out, |decoder, decoded| {
+            decoder.lose(len, decoded)
+        });
     }
 
     /// The connection closed: complete what can be completed, report the rest unanswered.

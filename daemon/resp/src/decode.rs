@@ -561,12 +561,7 @@ impl Decoder {
 
     fn feed_chunk(&mut self, copied: &[u8], uncopied: u64, boundary: bool, out: &mut Vec<Decoded>) {
         if let State::Resync = self.state {
-            if !boundary {
-                let n = (copied.len() as u64).saturating_add(uncopied);
-                self.skip_resyncing(n, DesyncReason::NoMessageStart, out);
-                return;
-            }
-            if !plausible_start(copied) {
+            if !boundary || !plausible_start(copied) {
                 let n = (copied.len() as u64).saturating_add(uncopied);
                 self.skip_resyncing(n, DesyncReason::NoMessageStart, out);
                 return;

@@ -175,7 +175,15 @@ pub fn stats(request: v1::GetStatsRequest) -> Vec<v1::StatsRow> {
 
 /// Server-role calls of one process, by command.
 pub fn server_calls(pid: u32) -> std::collections::BTreeMap<String, u64> {
-    let request = v1::GetStatsRequest {
+    server_rows(pid)
+        .into_iter()
+        .map(|row| (row.command, row.calls))
+        .collect()
+}
+
+/// The server-role rows of process `pid`, one per command.
+pub fn server_rows(pid: u32) -> Vec<v1::StatsRow> {
+    stats(v1::GetStatsRequest {
         allow: vec![v1::Filter {
             pid,
             role: v1::Role::Server as i32,
@@ -183,11 +191,7 @@ pub fn server_calls(pid: u32) -> std::collections::BTreeMap<String, u64> {
         }],
         group_by: vec![v1::GroupBy::Command as i32],
         ..Default::default()
-    };
-    stats(request)
-        .into_iter()
-        .map(|row| (row.command, row.calls))
-        .collect()
+    })
 }
 
 /// Waits until `done` holds, for at most [`WAIT`].
