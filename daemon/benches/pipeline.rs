@@ -137,7 +137,7 @@ fn records() -> Vec<Vec<u8>> {
 /// Every stage, batch by batch, as `Pipeline::run` drives them; returns the events published.
 fn pipeline(records: &[Vec<u8>]) -> u64 {
     let config = PipelineConfig::default();
-    let mut decode = DecodeStage::new(config.keys, 0);
+    let mut decode = DecodeStage::new(config.keys.clone(), 0);
     let shared = Shared::new(config, Attributor::new(None, Vec::new()));
     let mut streams = Streams::new(std::env::temp_dir());
     let (mut parsed, mut stream_events, mut events, mut out_of_scope) =

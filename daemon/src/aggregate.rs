@@ -20,6 +20,10 @@ pub const MAX_ROWS: usize = 20_000;
 pub const WINDOW_SECONDS: usize = 120;
 /// The `comm` of the overflow row.
 pub const OVERFLOW: &str = "(overflow)";
+/// Different error prefixes counted per row at most, as Redis caps `INFO errorstats`.
+pub const MAX_ERROR_PREFIXES: usize = 128;
+/// The error prefix that errors past [`MAX_ERROR_PREFIXES`] count under.
+pub const OVERFLOW_ERROR_PREFIX: &str = "(overflow)";
 
 /// What a row is counted for.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -129,6 +133,7 @@ pub struct RowStats {
     pub bytes_in: u64,
     pub bytes_out: u64,
     /// Error replies by `INFO errorstats` prefix.
+    /// At most [`MAX_ERROR_PREFIXES`] of them, plus [`OVERFLOW_ERROR_PREFIX`].
     pub errors: BTreeMap<String, u64>,
     /// Unix nanoseconds of the last event.
     pub last_seen_ns: u64,
@@ -154,7 +159,7 @@ impl RowStats {
         self.bytes_in += bytes_in;
         self.bytes_out += bytes_out;
         if let Some(error) = &event.error {
-            *self.errors.entry(error.prefix.clone()).or_default() += 1;
+            self.count_error(&error.prefix, 1);
         }
         self.last_seen_ns = self.last_seen_ns.max(event.time_unix_ns);
     }
@@ -169,9 +174,27 @@ impl RowStats {
         self.bytes_in += other.bytes_in;
         self.bytes_out += other.bytes_out;
         for (prefix, count) in &other.errors {
-            *self.errors.entry(prefix.clone()).or_default() += count;
+            self.count_error(prefix, *count);
         }
         self.last_seen_ns = self.last_seen_ns.max(other.last_seen_ns);
+    }
+
+    /// Counts errors by prefix; past [`MAX_ERROR_PREFIXES`] different ones (made-up prefixes,
+    /// shown with `--keys full`), new ones count under [`OVERFLOW_ERROR_PREFIX`].
+    fn count_error(&mut self, prefix: &str, count: u64) {
+        if let Some(total) = self.errors.get_mut(prefix) {
+            *total += count;
+        } else if prefix == OVERFLOW_ERROR_PREFIX
+            || self.errors.len() - usize::from(self.errors.contains_key(OVERFLOW_ERROR_PREFIX))
+                < MAX_ERROR_PREFIXES
+        {
+            self.errors.insert(prefix.to_owned(), count);
+        } else {
+            *self
+                .errors
+                .entry(OVERFLOW_ERROR_PREFIX.to_owned())
+                .or_default() += count;
+        }
     }
 
     pub fn usec(&self) -> u64 {
@@ -521,6 +544,37 @@ mod tests {
         assert_eq!(get_10.latency_ns, 9_000);
         assert_eq!(get_10.max_ns, 5_000);
         assert_eq!((get_10.bytes_in, get_10.bytes_out), (30, 15));
+    }
+
+    /// Prefixes made up by scripts (shown with `--keys full`) cannot grow a row without bound.
+    #[test]
+    fn error_prefixes_past_the_cap_count_under_one_overflow_prefix() {
+        let a = conn(1, 10);
+        let failing = |prefix: String| {
+            let mut failed = (*event(&a, "eval", 100, 1)).clone();
+            failed.outcome = Outcome::Failed;
+            failed.error = Some(crate::event::EventError {
+                prefix,
+                template: None,
+            });
+            Arc::new(failed)
+        };
+        let events: Vec<_> = (0..MAX_ERROR_PREFIXES + 10)
+            .map(|i| failing(format!("E{i}")))
+            .chain([failing("E0".into()), failing("E999".into())])
+            .collect();
+        let mut aggregator = Aggregator::new();
+        aggregator.record_batch(&events, key_of);
+        let rows = aggregator.query(|_| true, &[GroupBy::Command], None);
+        let errors = &rows[0].1.errors;
+        assert_eq!(errors.len(), MAX_ERROR_PREFIXES + 1);
+        assert_eq!(errors["E0"], 2, "a known prefix still counts");
+        assert_eq!(errors[OVERFLOW_ERROR_PREFIX], 11);
+        assert_eq!(
+            errors.values().sum::<u64>(),
+            events.len() as u64,
+            "none lost"
+        );
     }
 
     #[test]

@@ -11,7 +11,7 @@ use respwatch_resp::{
 };
 
 use crate::{
-    event::{CommandEvent, EventError, KeyPolicy, reply_name},
+    event::{CommandEvent, EventError, KeyPrivacy, reply_name, shown_prefix},
     streams::{ConnId, ConnMeta, StreamEvent},
 };
 
@@ -46,7 +46,7 @@ pub struct DecodeStage {
 }
 
 impl DecodeStage {
-    pub fn new(keys: KeyPolicy, realtime_offset_ns: i128) -> Self {
+    pub fn new(keys: KeyPrivacy, realtime_offset_ns: i128) -> Self {
         Self {
             correlators: HashMap::new(),
             not_resp: Vec::new(),
@@ -152,7 +152,7 @@ struct Decoding {
 
 /// Where a connection's correlator outputs go: events, or counters for what is not one.
 struct Sink {
-    keys: KeyPolicy,
+    keys: KeyPrivacy,
     /// Added to monotonic kernel timestamps to get wall-clock time.
     realtime_offset_ns: i128,
     outputs: Vec<Output>,
@@ -181,8 +181,8 @@ impl Sink {
                         reply_bytes: exchange.reply_bytes,
                         reply: reply_name(exchange.reply_kind),
                         error: exchange.error.map(|error| EventError {
-                            prefix: error.prefix,
-                            message: String::from_utf8_lossy(&error.message).into_owned(),
+                            prefix: shown_prefix(error.prefix, self.keys.policy()),
+                            template: error.template,
                         }),
                         outcome: exchange.outcome,
                         counted,

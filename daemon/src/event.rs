@@ -4,6 +4,7 @@ use std::{borrow::Cow, fmt, str::FromStr, sync::Arc};
 use respwatch_resp::{
     correlate::{Outcome, ReplyKind, Role},
     decode::Kind,
+    error_text::{ErrorTemplate, is_redis_prefix},
 };
 
 use crate::streams::ConnMeta;
@@ -44,12 +45,39 @@ impl CommandEvent {
     }
 }
 
+/// An error reply, as far as it may leave the node: Redis echoes its callers' bytes in error
+/// texts, so only its own fixed messages are shown, without the echoed parts.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventError {
-    /// `INFO errorstats` name: `ERR`, `WRONGTYPE`, `OOM`...
+    /// `INFO errorstats` name: `ERR`, `WRONGTYPE`, `OOM`... ([`UNKNOWN_ERROR_PREFIX`] for one
+    /// Redis does not use, unless keys are shown in full).
     pub prefix: String,
-    /// The error text, bounded.
-    pub message: String,
+    /// Which of Redis' fixed messages it is; anything else shows its prefix only.
+    pub template: Option<ErrorTemplate>,
+}
+
+impl EventError {
+    /// The text to show: the fixed message with `…` for what Redis filled in, or the prefix.
+    pub fn message(&self) -> String {
+        match self.template {
+            Some(template) => template.to_string(),
+            None => self.prefix.clone(),
+        }
+    }
+}
+
+/// Errorstats name shown for a prefix Redis itself does not use: a script's `error_reply` can
+/// make one up from a value.
+pub const UNKNOWN_ERROR_PREFIX: &str = "unknown";
+
+/// The prefix as it may be shown under a key policy: a made-up one only when keys are shown in
+/// full (the operator then sees every key name anyway).
+pub fn shown_prefix(prefix: String, keys: KeyPolicy) -> String {
+    if keys == KeyPolicy::Full || is_redis_prefix(&prefix) {
+        prefix
+    } else {
+        UNKNOWN_ERROR_PREFIX.to_owned()
+    }
 }
 
 /// Stats name for commands Redis has no commandstats row for (unknown command/subcommand).
@@ -126,7 +154,9 @@ pub enum KeyPolicy {
     Full,
     /// The first N bytes.
     Truncate(usize),
-    /// A stable 64-bit hash (FNV-1a), so hot keys can be told apart without naming them.
+    /// A 64-bit keyed hash (HMAC-SHA256 with the operator's secret), so hot keys can be told
+    /// apart without naming them, and nobody without the secret can hash a dictionary of
+    /// likely keys to find them.
     Hash,
     Off,
 }
@@ -171,9 +201,48 @@ impl fmt::Display for KeyPolicy {
     }
 }
 
-impl KeyPolicy {
-    pub fn apply(self, key: &[u8]) -> Option<String> {
-        match self {
+/// Bytes a key-hash secret has at least: a short one could be guessed.
+pub const MIN_KEY_SECRET: usize = 16;
+
+#[derive(Debug, thiserror::Error)]
+pub enum KeySecretError {
+    #[error(
+        "--keys hash needs a secret (--key-hash-secret-file): the same one on every node, so \
+         that hashes agree across nodes and restarts"
+    )]
+    Missing,
+    #[error("the key-hash secret has {0} bytes; it needs at least {MIN_KEY_SECRET}")]
+    TooShort(usize),
+}
+
+/// The key policy with what applying it takes: for `hash`, the operator's secret.
+#[derive(Clone, Debug, Default)]
+pub struct KeyPrivacy {
+    policy: KeyPolicy,
+    secret: Option<ring::hmac::Key>,
+}
+
+impl KeyPrivacy {
+    /// `secret` is used by `hash` only (surrounding whitespace, such as a file's last newline,
+    /// is not part of it).
+    pub fn new(policy: KeyPolicy, secret: Option<&[u8]>) -> Result<Self, KeySecretError> {
+        let secret = match (policy, secret.map(<[u8]>::trim_ascii)) {
+            (KeyPolicy::Hash, None) => return Err(KeySecretError::Missing),
+            (KeyPolicy::Hash, Some(s)) if s.len() < MIN_KEY_SECRET => {
+                return Err(KeySecretError::TooShort(s.len()));
+            }
+            (KeyPolicy::Hash, Some(s)) => Some(ring::hmac::Key::new(ring::hmac::HMAC_SHA256, s)),
+            _ => None,
+        };
+        Ok(Self { policy, secret })
+    }
+
+    pub fn policy(&self) -> KeyPolicy {
+        self.policy
+    }
+
+    pub fn apply(&self, key: &[u8]) -> Option<String> {
+        match self.policy {
             KeyPolicy::Off => None,
             KeyPolicy::Full => Some(lossy_string(key)),
             KeyPolicy::Truncate(n) if key.len() <= n => Some(lossy_string(key)),
@@ -183,10 +252,11 @@ impl KeyPolicy {
                 Some(text)
             }
             KeyPolicy::Hash => {
-                let hash = key.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, byte| {
-                    (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
-                });
-                Some(format!("#{hash:016x}"))
+                let secret = self.secret.as_ref()?;
+                let tag = ring::hmac::sign(secret, key);
+                let mut first = [0u8; 8];
+                first.copy_from_slice(&tag.as_ref()[..8]);
+                Some(format!("#{:016x}", u64::from_be_bytes(first)))
             }
         }
     }
@@ -205,36 +275,47 @@ fn lossy_string(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
+    fn shown(policy: &str, key: &[u8]) -> Option<String> {
+        let secret: &[u8] = b"a secret of the operator's";
+        KeyPrivacy::new(policy.parse().unwrap(), Some(secret))
+            .unwrap()
+            .apply(key)
+    }
+
     #[test]
     fn key_policies() {
-        assert_eq!(
-            "full".parse::<KeyPolicy>().unwrap().apply(b"user:42"),
-            Some("user:42".into())
-        );
-        assert_eq!(
-            "truncate:4".parse::<KeyPolicy>().unwrap().apply(b"user:42"),
-            Some("user…".into())
-        );
-        assert_eq!(
-            "truncate:40"
-                .parse::<KeyPolicy>()
-                .unwrap()
-                .apply(b"user:42"),
-            Some("user:42".into())
-        );
-        assert_eq!("off".parse::<KeyPolicy>().unwrap().apply(b"user:42"), None);
+        assert_eq!(shown("full", b"user:42"), Some("user:42".into()));
+        assert_eq!(shown("truncate:4", b"user:42"), Some("user…".into()));
+        assert_eq!(shown("truncate:40", b"user:42"), Some("user:42".into()));
+        assert_eq!(shown("off", b"user:42"), None);
         // Kept as-is up to the limit; bytes that are not UTF-8 are shown, not dropped.
-        assert_eq!(
-            KeyPolicy::Truncate(7).apply(b"user:42"),
-            Some("user:42".into())
-        );
-        assert_eq!(KeyPolicy::Full.apply(b"k\xff"), Some("k\u{fffd}".into()));
-        let hashed = KeyPolicy::Hash.apply(b"user:42").unwrap();
-        assert_eq!(hashed.len(), 17);
-        assert_ne!(hashed, KeyPolicy::Hash.apply(b"user:43").unwrap());
-        assert!(!hashed.contains("user"));
+        assert_eq!(shown("truncate:7", b"user:42"), Some("user:42".into()));
+        assert_eq!(shown("full", b"k\xff"), Some("k\u{fffd}".into()));
         for bad in ["", "truncate:", "truncate:0", "truncate:x", "FULL", "cut:3"] {
             assert!(bad.parse::<KeyPolicy>().is_err(), "{bad}");
         }
+    }
+
+    /// Hashes agree wherever the secret is the same (nodes, restarts), and without the secret
+    /// nobody can hash a dictionary of likely keys to match them.
+    #[test]
+    fn key_hashes_are_keyed_by_the_operators_secret() {
+        let hashed = shown("hash", b"user:42").unwrap();
+        assert_eq!(hashed.len(), 17);
+        assert!(!hashed.contains("user"));
+        assert_eq!(Some(hashed.clone()), shown("hash", b"user:42"));
+        assert_ne!(Some(hashed.clone()), shown("hash", b"user:43"));
+        let from_file = KeyPrivacy::new(KeyPolicy::Hash, Some(b"a secret of the operator's\n"));
+        assert_eq!(from_file.unwrap().apply(b"user:42"), Some(hashed.clone()));
+        let other = KeyPrivacy::new(KeyPolicy::Hash, Some(b"another secret, as long"));
+        assert_ne!(other.unwrap().apply(b"user:42"), Some(hashed));
+        assert!(matches!(
+            KeyPrivacy::new(KeyPolicy::Hash, None),
+            Err(KeySecretError::Missing)
+        ));
+        assert!(matches!(
+            KeyPrivacy::new(KeyPolicy::Hash, Some(b"short\n")),
+            Err(KeySecretError::TooShort(5))
+        ));
     }
 }

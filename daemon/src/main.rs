@@ -7,12 +7,13 @@ use std::{
     time::Duration,
 };
 
+use anyhow::Context;
 use clap::Parser;
 use respwatch_common::LossReason;
 use respwatchd::{
     capture::{Capture, CaptureConfig},
     enrich::Attributor,
-    event::KeyPolicy,
+    event::{KeyPolicy, KeyPrivacy},
     kube::{self as kubernetes, KubeConfig, Mode, PodIndex},
     pipeline::{Pipeline, PipelineConfig},
     serve::{ListenAddr, MetricLabels, ServeConfig, Servers, TlsFiles},
@@ -41,6 +42,12 @@ struct Args {
     /// kept.
     #[arg(long, env = "RESPWATCH_KEYS", default_value_t = KeyPolicy::default())]
     keys: KeyPolicy,
+    /// File holding the secret `--keys hash` is keyed with (at least 16 bytes; one trailing
+    /// newline is not part of it). Give every node the same one (a Kubernetes Secret), so that
+    /// hashes agree across nodes and restarts; without it nobody can hash a list of likely keys
+    /// to find them.
+    #[arg(long, env = "RESPWATCH_KEY_HASH_SECRET_FILE")]
+    key_hash_secret_file: Option<PathBuf>,
     /// Where the gRPC API listens: `host:port` or `unix:/path`. Beyond loopback, use TLS.
     #[arg(long, env = "RESPWATCH_GRPC_LISTEN", default_value = "127.0.0.1:50051", value_parser = parse_listen)]
     grpc_listen: ListenAddr,
@@ -145,6 +152,14 @@ fn main() -> ExitCode {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    let secret = match &args.key_hash_secret_file {
+        Some(path) => Some(
+            std::fs::read(path)
+                .with_context(|| format!("reading the key-hash secret {}", path.display()))?,
+        ),
+        None => None,
+    };
+    let keys = KeyPrivacy::new(args.keys, secret.as_deref())?;
     let namespaces: Vec<String> = args
         .namespaces
         .iter()
@@ -179,7 +194,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // The broadcast each Watch subscriber task reads: deep enough for bursts on a busy node
     // (each subscriber then filters into its own --watch-queue).
     let config = PipelineConfig {
-        keys: args.keys,
+        keys,
         subscriber_queue: 65_536,
         ..PipelineConfig::default()
     };

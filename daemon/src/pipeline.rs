@@ -18,7 +18,7 @@ use crate::{
     capture::{Capture, CaptureError, Record},
     decode::{DecodeCounters, DecodeStage},
     enrich::Attributor,
-    event::{CommandEvent, KeyPolicy},
+    event::{CommandEvent, KeyPrivacy},
     streams::{ConnId, StreamEvent, StreamStats, Streams},
 };
 
@@ -64,7 +64,7 @@ pub struct PipelineCounters {
 
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
-    pub keys: KeyPolicy,
+    pub keys: KeyPrivacy,
     /// Events kept for `Watch` requests that ask for recent history.
     pub history: usize,
     /// Capacity of each subscriber's queue before it gets a loss notice instead.
@@ -74,7 +74,7 @@ pub struct PipelineConfig {
 impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
-            keys: KeyPolicy::default(),
+            keys: KeyPrivacy::default(),
             history: 10_000,
             subscriber_queue: 16_384,
         }
@@ -157,7 +157,7 @@ impl Pipeline {
         Self {
             capture,
             streams: Streams::new(cgroup_root),
-            decode: DecodeStage::new(config.keys, realtime_offset_ns()),
+            decode: DecodeStage::new(config.keys.clone(), realtime_offset_ns()),
             shared: Arc::new(Shared::new(config, attributor)),
         }
     }

@@ -311,7 +311,178 @@ fn redisctl_prints_no_control_byte_from_the_wire() {
         watch.contains(r"\x1b]0;pwned\x07\x1b[2Jkey\u{202e}"),
         "{watch}"
     );
-    assert!(watch.contains(r"ERR \x1b[31mred\x1b[0m"), "{watch}");
+    // The script's error text is not Redis' own: its prefix only, nothing of what it echoed.
+    assert!(!watch.contains("31mred"), "{watch}");
+    assert!(watch.lines().any(|l| l.ends_with("  ERR")), "{watch}");
+}
+
+/// Redis echoes its callers' bytes in errors, and values cross the wire in replies, MONITOR
+/// lines and pub/sub messages. With a random marker as the secret in each of these paths,
+/// nothing the daemon serves or logs holds it in any form: Watch events (redisctl JSON), GetStats
+/// (redisctl JSON and gRPC), `/metrics`, and the daemon's own log at trace level. The errors are
+/// seen all the same, as their prefix and Redis' fixed message with `…` for what it echoed.
+#[test]
+fn no_value_leaves_the_node_in_any_echo_path() {
+    let _turn = exclusive();
+    let d = daemon();
+    let marker = format!(
+        "m{}",
+        std::fs::read_to_string("/proc/sys/kernel/random/uuid")
+            .expect("uuid")
+            .trim()
+            .replace('-', "")
+    );
+    // `CONFIG` renamed away: `CONFIG SET requirepass <secret>` is then an unknown command,
+    // and Redis echoes its arguments.
+    let server = RedisServer::start(&["--rename-command", "CONFIG", ""]);
+    let port = server.port.to_string();
+    let pid = server.pid();
+    let cli = |args: &[&str]| {
+        Command::new("redis-cli")
+            .args(["-p", &port])
+            .args(args)
+            .output()
+            .expect("redis-cli")
+    };
+    let background = |args: &[&str]| {
+        Command::new("redis-cli")
+            .args(["-p", &port])
+            .args(args)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-cli")
+    };
+    // Short enough to be taken as a prefix (Redis takes at most 31 bytes).
+    let custom_prefix = marker[..17].to_uppercase();
+    let user = format!("u{marker}");
+    let outputs = watch_during(&[vec!["-o".into(), "json".into()]], || {
+        let mut monitor = background(&["MONITOR"]);
+        let mut subscriber = background(&["SUBSCRIBE", "news"]);
+        wait_for("MONITOR and SUBSCRIBE", || {
+            let calls = server_calls(pid);
+            calls.contains_key("monitor") && calls.contains_key("subscribe")
+        });
+        let error_reply = "return redis.error_reply(ARGV[1])";
+        for args in [
+            vec!["CONFIG", "SET", "requirepass", &marker],
+            vec!["EVAL", error_reply, "0", &format!("ERR {marker}")],
+            vec!["EVAL", error_reply, "0", &format!("{custom_prefix} failed")],
+            vec!["EVAL", error_reply, "0", &marker],
+            vec!["ACL", "SETUSER", "alice", "on", &format!("bad{marker}")],
+            vec!["ACL", "SETUSER", &user, "on", ">pw", "-@all"],
+            vec!["AUTH", "default", &marker],
+            vec!["HELLO", "3", "AUTH", "default", &marker],
+            vec![
+                "MIGRATE",
+                "127.0.0.1",
+                "1",
+                "",
+                "0",
+                "100",
+                "AUTH",
+                &marker,
+                "KEYS",
+                "k",
+            ],
+            vec![
+                "MIGRATE",
+                "127.0.0.1",
+                "1",
+                "",
+                "0",
+                "100",
+                "AUTH2",
+                "u",
+                &marker,
+                "KEYS",
+                "k",
+            ],
+            vec!["SET", "k", &marker],
+            vec!["GET", "k"],
+            vec!["PUBLISH", "news", &marker],
+        ] {
+            cli(&args);
+        }
+        // A user name is echoed in NOPERM errors.
+        cli(&["--user", &user, "--pass", "pw", "GET", "k"]);
+        wait_for_server_calls(
+            pid,
+            &[
+                ("eval", 3),
+                ("acl|setuser", 2),
+                ("get", 1),
+                ("publish", 1),
+                ("migrate", 2),
+            ],
+        );
+        for child in [&mut monitor, &mut subscriber] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    });
+    let events = json_lines(&outputs[0]);
+    let of_server: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["pid"] == pid && e["role"] == "server")
+        .collect();
+    let errors: BTreeSet<(String, String)> = of_server
+        .iter()
+        .filter(|e| e["error_prefix"] != "")
+        .map(|e| {
+            let field = |name: &str| e[name].as_str().unwrap_or_default().to_owned();
+            (field("error_prefix"), field("error"))
+        })
+        .collect();
+    // The errors are there, shown without what Redis echoed.
+    for expected in [
+        (
+            "ERR",
+            "ERR unknown command '…', with args beginning with: …",
+        ),
+        ("ERR", "ERR Error in ACL SETUSER modifier '…': …"),
+        ("unknown", "unknown"),
+        ("ERR", "ERR"),
+        ("NOPERM", "NOPERM"),
+    ] {
+        assert!(
+            errors.contains(&(expected.0.to_owned(), expected.1.to_owned())),
+            "{expected:?} not among {errors:?}"
+        );
+    }
+    let stats_json = stdout(
+        &redisctl()
+            .args(["stats", "-o", "json"])
+            .output()
+            .expect("stats"),
+    );
+    let stats_grpc = format!("{:?}", stats(v1::GetStatsRequest::default()));
+    let metrics = http_get(&d.metrics, "/metrics");
+    let log = std::fs::read_to_string(&d.log).expect("daemon log");
+    let hex: String = marker.bytes().map(|b| format!("{b:02x}")).collect();
+    let forms = [
+        marker.clone(),
+        custom_prefix.clone(),
+        hex.clone(),
+        hex.to_uppercase(),
+        // Truncated: a kept prefix of it.
+        marker[..12].to_owned(),
+        custom_prefix[..12].to_owned(),
+        hex[..24].to_owned(),
+    ];
+    for (place, text) in [
+        ("watch", &outputs[0]),
+        ("redisctl stats", &stats_json),
+        ("GetStats", &stats_grpc),
+        ("/metrics", &metrics),
+        ("daemon log", &log),
+    ] {
+        for form in &forms {
+            assert!(
+                !text.contains(form.as_str()),
+                "{place} holds the secret as {form:?}"
+            );
+        }
+    }
 }
 
 /// Each Watch stream costs a filter pass per command and a queue: the daemon takes at most

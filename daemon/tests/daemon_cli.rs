@@ -408,6 +408,31 @@ fn rejects_bad_flags_before_touching_the_kernel() {
     );
     let stderr = run_to_failure(daemon().args(["--keys", "everything"]));
     assert!(stderr.contains("invalid key policy"), "{stderr}");
+    // An unkeyed hash of a key could be matched against a dictionary of likely keys.
+    let stderr = run_to_failure(daemon().args(["--keys", "hash"]));
+    assert!(stderr.contains("--keys hash needs a secret"), "{stderr}");
+    let secret = std::env::temp_dir().join(format!("respwatch-short-{}", std::process::id()));
+    std::fs::write(&secret, "short\n").expect("secret file");
+    let stderr = run_to_failure(
+        daemon()
+            .args(["--keys", "hash", "--key-hash-secret-file"])
+            .arg(&secret),
+    );
+    assert!(
+        stderr.contains("has 5 bytes; it needs at least 16"),
+        "{stderr}"
+    );
+    let _ = std::fs::remove_file(&secret);
+    let stderr = run_to_failure(daemon().args([
+        "--keys",
+        "hash",
+        "--key-hash-secret-file",
+        "/nonexistent/secret",
+    ]));
+    assert!(
+        stderr.contains("reading the key-hash secret /nonexistent/secret"),
+        "{stderr}"
+    );
     let stderr = run_to_failure(Command::new(DAEMON).args(["--grpc-listen", "nowhere"]));
     assert!(stderr.contains("nowhere"), "{stderr}");
     let stderr = run_to_failure(daemon().args(["--no-such-flag"]));

@@ -21,6 +21,7 @@ use std::collections::VecDeque;
 
 use crate::command::{self, ErrorClass};
 use crate::decode::{Decoded, Decoder, DesyncReason, Frame, Kind, MAX_KEPT_ELEMENTS, Text};
+use crate::error_text::ErrorTemplate;
 
 /// Outstanding requests kept per connection; more are reported and the queue reset.
 pub const MAX_OUTSTANDING: usize = 64 * 1024;
@@ -90,8 +91,9 @@ pub enum ReplyKind {
 pub struct ErrorReply {
     /// `INFO errorstats` name (`WRONGTYPE`, `ERR`...).
     pub prefix: String,
-    /// Error text without the leading `-`, bounded.
-    pub message: Vec<u8>,
+    /// Which of Redis' fixed messages the text is; the text itself is not kept, since Redis
+    /// echoes its callers' bytes (arguments, script text) in errors.
+    pub template: Option<ErrorTemplate>,
 }
 
 /// One command and its outcome.
@@ -344,7 +346,7 @@ fn is_error(frame: &Frame) -> bool {
 fn error_of(text: &[u8]) -> ErrorReply {
     ErrorReply {
         prefix: command::error_prefix(text),
-        message: text.to_vec(),
+        template: ErrorTemplate::of(text),
     }
 }
 

@@ -11,7 +11,13 @@
 //!   rejected/failed classification of error replies used by `INFO commandstats`.
 //! - [`correlate`]: one [`correlate::Correlator`] per connection pairs requests with replies
 //!   through pipelining, MULTI/EXEC, pub/sub, RESP3 pushes, `CLIENT REPLY`, MONITOR and loss.
+//! - [`error_text`]: which error texts are Redis' own fixed messages (and may be shown, without
+//!   what Redis echoed of its caller), and which prefixes Redis itself uses.
 
 pub mod command;
 pub mod correlate;
 pub mod decode;
+// Generated (scripts/error-templates.py): kept one template per line, as written.
+#[rustfmt::skip]
+mod error_templates;
+pub mod error_text;

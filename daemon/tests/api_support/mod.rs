@@ -53,7 +53,9 @@ pub fn daemon() -> &'static Daemon {
                     "--node-name",
                     "api-test",
                 ])
-                .args(["--watch-queue", &WATCH_QUEUE.to_string(), "--log", "warn"])
+                // Our own logs at their most detailed: a value must not reach them either.
+                .args(["--watch-queue", &WATCH_QUEUE.to_string()])
+                .args(["--log", "respwatchd=trace,warn"])
                 .args(["--max-subscribers", &MAX_SUBSCRIBERS.to_string()])
                 .args([
                     "--metrics-labels",

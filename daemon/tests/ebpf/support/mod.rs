@@ -15,6 +15,7 @@ use respwatch_common::Direction;
 use respwatchd::{
     capture::{Capture, CaptureConfig},
     enrich::Attributor,
+    event::{KeyPolicy, KeyPrivacy},
     pipeline::{Pipeline, PipelineConfig, Shared},
     streams::{ConnId, ConnMeta, StreamChunk, StreamEvent},
 };
@@ -127,8 +128,13 @@ impl Harness {
                 .expect("runtime");
             runtime.block_on(async move {
                 let capture = Capture::start(&config).expect("capture starts (tests run as root)");
-                let pipeline =
-                    Pipeline::new(capture, PipelineConfig::default(), Attributor::default());
+                // Keys in full: errors then keep the prefixes scripts make up, as Redis'
+                // errorstats does, so that they compare.
+                let pipeline_config = PipelineConfig {
+                    keys: KeyPrivacy::new(KeyPolicy::Full, None).expect("no secret needed"),
+                    ..PipelineConfig::default()
+                };
+                let pipeline = Pipeline::new(capture, pipeline_config, Attributor::default());
                 ready_tx.send(pipeline.shared()).expect("ready");
                 pipeline
                     .run(stopped, move |event| {
