@@ -25,11 +25,14 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --release --all-targets -- -D warnings
+# The tests' build also lets them crash the pipeline on purpose (never in a user's build).
+features=(--features respwatchd/fault-injection)
+cargo clippy --release --all-targets "${features[@]}" -- -D warnings
 if $fast; then
   echo "== cargo test (fast tier: unit and property tests, no root)"
-  cargo test --release --lib --bins
+  cargo test --release --lib --bins "${features[@]}"
   cargo test --release -p respwatch-resp --test "*"
   exit 0
 fi
 echo "== cargo test"
-cargo test --release --no-fail-fast
+cargo test --release --no-fail-fast "${features[@]}"

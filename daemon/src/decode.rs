@@ -55,6 +55,9 @@ impl DecodeStage {
                 realtime_offset_ns,
                 outputs: Vec::new(),
                 counters: DecodeCounters::default(),
+                #[cfg(feature = "fault-injection")]
+                panic_key: std::env::var_os("RESPWATCH_FAULT_PANIC_KEY")
+                    .map(std::ffi::OsString::into_encoded_bytes),
             },
         }
     }
@@ -157,6 +160,10 @@ struct Sink {
     realtime_offset_ns: i128,
     outputs: Vec<Output>,
     counters: DecodeCounters,
+    /// Test builds only: a command with this first key panics the stage
+    /// (`$RESPWATCH_FAULT_PANIC_KEY`), so tests can show what a crashed pipeline does.
+    #[cfg(feature = "fault-injection")]
+    panic_key: Option<Vec<u8>>,
 }
 
 impl Sink {
@@ -167,6 +174,12 @@ impl Sink {
         for output in self.outputs.drain(..) {
             match output {
                 Output::Exchange(exchange) => {
+                    #[cfg(feature = "fault-injection")]
+                    if self.panic_key.is_some()
+                        && self.panic_key.as_deref() == exchange.first_key.as_deref()
+                    {
+                        panic!("fault injection: the decode stage panics on its trigger key");
+                    }
                     exchanges += 1;
                     let time = exchange.reply_ts_ns as i128 + self.realtime_offset_ns;
                     let counted = exchange.counted;

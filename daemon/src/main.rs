@@ -114,6 +114,9 @@ struct Args {
     log: String,
 }
 
+/// How long health answers NOT_SERVING before the daemon exits after its pipeline stopped.
+const NOT_SERVING_GRACE: Duration = Duration::from_secs(2);
+
 fn parse_listen(text: &str) -> Result<ListenAddr, String> {
     text.parse()
 }
@@ -235,11 +238,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let task = tokio::spawn(pipeline.run(stopped, |_| {}));
+    let mut task = tokio::spawn(pipeline.run(stopped, |_| {}));
     tracing::info!("respwatchd ready");
-    tokio::select! {
-        _ = terminate.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = interrupt.recv() => tracing::info!("SIGINT: shutting down"),
+    let pipeline_ended = tokio::select! {
+        _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); None }
+        _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); None }
+        ended = &mut task => Some(ended),
+    };
+    if let Some(ended) = pipeline_ended {
+        // Serving on with nothing captured would pass for a quiet node: health turns
+        // NOT_SERVING for probes and clients to see, then the daemon exits non-zero so that
+        // its supervisor restarts it.
+        let why = match ended {
+            Ok(Ok(())) => "it ended".to_owned(),
+            Ok(Err(error)) => error.to_string(),
+            Err(join) if join.is_panic() => "it panicked (the panic message is above)".to_owned(),
+            Err(join) => join.to_string(),
+        };
+        tracing::error!(reason = %why, "the capture pipeline stopped; health is NOT_SERVING, exiting");
+        servers.set_not_serving().await;
+        tokio::time::sleep(NOT_SERVING_GRACE).await;
+        let _ = stop.send(true);
+        servers.shutdown().await?;
+        anyhow::bail!("the capture pipeline stopped: {why}");
     }
     let _ = stop.send(true);
     servers.shutdown().await?;

@@ -203,6 +203,7 @@ impl Pipeline {
             let counters = &shared.counters;
             let mut tally = StreamTally::default();
             if swept {
+                self.capture.check_attached()?;
                 self.capture.take_late_closes(&mut late_closes);
                 self.streams
                     .accept_closes(late_closes.drain(..), &mut stream_events);

@@ -13,6 +13,10 @@ use std::{
     time::Duration,
 };
 
+use tonic_health::pb::{
+    HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+};
+
 const DAEMON: &str = env!("CARGO_BIN_EXE_respwatchd");
 
 fn daemon() -> Command {
@@ -20,9 +24,13 @@ fn daemon() -> Command {
 }
 
 fn daemon_at(metrics_port: u16) -> Command {
+    daemon_serving_at(free_port(), metrics_port)
+}
+
+fn daemon_serving_at(grpc_port: u16, metrics_port: u16) -> Command {
     let mut command = Command::new(DAEMON);
     command
-        .args(["--grpc-listen", &format!("127.0.0.1:{}", free_port())])
+        .args(["--grpc-listen", &format!("127.0.0.1:{grpc_port}")])
         .args(["--metrics-listen", &format!("127.0.0.1:{metrics_port}")])
         .env("RESPWATCH_LOG", "info");
     command
@@ -36,7 +44,13 @@ fn one_daemon_at_a_time() -> std::sync::MutexGuard<'static, ()> {
 
 /// Starts the daemon and waits (bounded) for its ready line; returns it with the log lines
 /// printed until then.
-fn start(mut command: Command) -> (Child, Vec<String>) {
+fn start(command: Command) -> (Child, Vec<String>) {
+    let (child, log, _later) = start_with_log(command);
+    (child, log)
+}
+
+/// [`start`], and the log lines it prints from then on.
+fn start_with_log(mut command: Command) -> (Child, Vec<String>, mpsc::Receiver<String>) {
     let mut child = command
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -54,7 +68,7 @@ fn start(mut command: Command) -> (Child, Vec<String>) {
     let mut log = Vec::new();
     while let Ok(line) = rx.recv_timeout(Duration::from_secs(30)) {
         if line.contains("respwatchd ready") {
-            return (child, log);
+            return (child, log, rx);
         }
         log.push(line);
     }
@@ -543,6 +557,147 @@ fn serves_the_api_over_tls_with_optional_client_certificates() {
         assert!(!listed(&plaintext), "plaintext client got in");
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// What the daemon's health service answers for the server as a whole (what probes ask).
+fn health(grpc_port: u16) -> Option<ServingStatus> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{grpc_port}"))
+                .ok()?
+                .connect_timeout(Duration::from_secs(1))
+                .connect()
+                .await
+                .ok()?;
+        let reply = HealthClient::new(channel)
+            .check(HealthCheckRequest::default())
+            .await
+            .ok()?;
+        ServingStatus::try_from(reply.into_inner().status).ok()
+    })
+}
+
+/// A daemon whose pipeline stopped: its health answers NOT_SERVING, then it exits non-zero
+/// with a log line that says why (each of `why` in it).
+fn assert_not_serving_then_exit(
+    daemon: &mut Child,
+    grpc_port: u16,
+    log: &mpsc::Receiver<String>,
+    why: &[&str],
+) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while health(grpc_port) != Some(ServingStatus::NotServing) {
+        assert!(
+            daemon.try_wait().expect("wait").is_none(),
+            "exited before answering NOT_SERVING"
+        );
+        assert!(std::time::Instant::now() < deadline, "never NOT_SERVING");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let status = loop {
+        if let Some(status) = daemon.try_wait().expect("wait") {
+            break status;
+        }
+        assert!(std::time::Instant::now() < deadline, "did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(!status.success(), "exit status {status:?}");
+    let lines: Vec<String> = log.iter().collect();
+    let stopped = lines
+        .iter()
+        .find(|line| line.contains("the capture pipeline stopped"))
+        .unwrap_or_else(|| panic!("no log line says the pipeline stopped: {lines:#?}"));
+    for part in why {
+        assert!(
+            lines.iter().any(|line| line.contains(part)),
+            "{part:?} not in the log: {lines:#?}"
+        );
+    }
+    assert!(stopped.contains("ERROR"), "{stopped}");
+}
+
+/// A panic anywhere in the pipeline (here, injected in the decode stage) must not leave a
+/// daemon that answers SERVING with nothing captured.
+#[test]
+fn a_pipeline_panic_turns_health_not_serving_and_the_daemon_exits_non_zero() {
+    let _turn = one_daemon_at_a_time();
+    let grpc_port = free_port();
+    let mut command = daemon_serving_at(grpc_port, free_port());
+    command.env("RESPWATCH_FAULT_PANIC_KEY", "respwatch-crash-key");
+    let (child, _, log) = start_with_log(command);
+    let mut daemon = Reaped(child);
+    assert_eq!(health(grpc_port), Some(ServingStatus::Serving));
+    let server = redis::RedisServer::start(&[]);
+    assert!(
+        server
+            .cli(&["SET", "an-ordinary-key", "v"])
+            .status
+            .success()
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        health(grpc_port),
+        Some(ServingStatus::Serving),
+        "before the trigger"
+    );
+    assert!(
+        server
+            .cli(&["SET", "respwatch-crash-key", "v"])
+            .status
+            .success()
+    );
+    assert_not_serving_then_exit(
+        &mut daemon.0,
+        grpc_port,
+        &log,
+        &["panicked", "fault injection"],
+    );
+}
+
+/// Our programs hang off bpf_links, so `bpftool cgroup detach` cannot take them away; a link
+/// can still be detached by anyone with the privileges (`bpftool link detach`). The daemon
+/// notices within its sweep interval instead of serving on blind.
+#[test]
+fn programs_detached_from_outside_turn_health_not_serving_and_the_daemon_exits_non_zero() {
+    let _turn = one_daemon_at_a_time();
+    let before = kernel::our_program_ids();
+    let grpc_port = free_port();
+    let (child, _, log) = start_with_log(daemon_serving_at(grpc_port, free_port()));
+    let mut daemon = Reaped(child);
+    let ours: Vec<u64> = kernel::our_program_ids()
+        .difference(&before)
+        .copied()
+        .collect();
+    let (link, program) = kernel::cgroup_links()
+        .into_iter()
+        .find(|(_, program)| ours.contains(program))
+        .expect("a cgroup link of ours");
+    let root = kernel::cgroup2_root();
+    let by_program = Command::new("bpftool")
+        .args(["cgroup", "detach"])
+        .arg(&root)
+        .args(["ingress", "id", &program.to_string()])
+        .output()
+        .expect("bpftool");
+    assert!(
+        !by_program.status.success(),
+        "bpftool cgroup detach took a link's program"
+    );
+    assert_eq!(health(grpc_port), Some(ServingStatus::Serving));
+    let by_link = Command::new("bpftool")
+        .args(["link", "detach", "id", &link.to_string()])
+        .output()
+        .expect("bpftool");
+    assert!(
+        by_link.status.success(),
+        "{}",
+        String::from_utf8_lossy(&by_link.stderr)
+    );
+    assert_not_serving_then_exit(&mut daemon.0, grpc_port, &log, &["detached from outside"]);
 }
 
 /// A child process killed (and reaped) when the test ends, also when it fails half-way.

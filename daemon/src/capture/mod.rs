@@ -5,6 +5,7 @@
 //! tracepoint and no tracefs. Attached through bpf_links, so programs other agents attached to the
 //! same cgroup keep running; dropping [`Capture`] detaches ours (so does the process dying: the
 //! links are file descriptors, never pinned).
+mod links;
 mod order;
 mod preflight;
 mod record;
@@ -84,6 +85,11 @@ pub enum CaptureError {
     Poll(#[source] std::io::Error),
     #[error("malformed ring buffer record ({len} bytes): {why}")]
     BadRecord { len: usize, why: &'static str },
+    #[error(
+        "the {program} program was detached from outside (its link points at no cgroup any \
+         more): nothing is captured"
+    )]
+    Detached { program: &'static str },
 }
 
 #[derive(Clone, Debug)]
@@ -198,6 +204,8 @@ pub struct Capture {
     excluded: usize,
     counters: PerCpuArray<MapData, u64>,
     attached: Vec<String>,
+    /// Our programs' kernel ids, to check that their links stay attached.
+    program_ids: Vec<(&'static str, u32)>,
     root: CgroupRoot,
     /// Holds the programs and their links: dropping it detaches everything.
     _ebpf: Ebpf,
@@ -287,6 +295,16 @@ impl Capture {
             .iter()
             .map(|(name, kind)| format!("{name}@{kind}:{}", root.path.display()))
             .collect();
+        let program_ids = PROGRAMS
+            .iter()
+            .map(|(name, _)| {
+                let program = ebpf.program(name).ok_or_else(|| missing("program", name))?;
+                let info = program
+                    .info()
+                    .map_err(|source| attach_error(name, &root.path, source))?;
+                Ok((*name, info.id()))
+            })
+            .collect::<Result<Vec<_>, CaptureError>>()?;
 
         let rings = RING_NAMES
             .into_iter()
@@ -318,6 +336,7 @@ impl Capture {
             excluded: 0,
             counters,
             attached,
+            program_ids,
             root,
             _ebpf: ebpf,
         })
@@ -326,6 +345,19 @@ impl Capture {
     /// `program@attach-type:cgroup` for every attachment.
     pub fn attached(&self) -> &[String] {
         &self.attached
+    }
+
+    /// Fails once any of our programs is no longer attached (detached from outside): the
+    /// daemon would otherwise go on serving as if it saw everything.
+    pub fn check_attached(&self) -> Result<(), CaptureError> {
+        let live = links::attached_program_ids().map_err(|source| CaptureError::Proc {
+            what: "/proc/self/fdinfo",
+            source,
+        })?;
+        match self.program_ids.iter().find(|(_, id)| !live.contains(id)) {
+            Some((program, _)) => Err(CaptureError::Detached { program }),
+            None => Ok(()),
+        }
     }
 
     /// The cgroup v2 directory the programs are attached to.

@@ -19,6 +19,7 @@ use tonic::{
     Request, Response, Status,
     transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
 };
+use tonic_health::{ServingStatus, server::HealthReporter};
 
 use super::{
     ListenAddr, ServeConfig, ServeState, convert, filter::FilterSet, now_unix_ns, stopped, watch,
@@ -222,12 +223,28 @@ fn tls_config(config: &ServeConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
     Ok(Some(tls))
 }
 
-/// Binds the gRPC listener and spawns the server. Returns the bound address (port 0 resolved).
+/// The gRPC server: where it listens, its task, and what its health service answers.
+pub struct Grpc {
+    pub addr: ListenAddr,
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+    pub health: HealthReporter,
+}
+
+/// Both the server as a whole (`""`, what probes ask by default) and the Observer service stop
+/// serving: nothing is captured any more.
+pub async fn set_not_serving(health: &HealthReporter) {
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health.set_not_serving::<ObserverServer<Observer>>().await;
+}
+
+/// Binds the gRPC listener and spawns the server.
 pub async fn start(
     state: Arc<ServeState>,
     config: &ServeConfig,
     stop: signal::Receiver<bool>,
-) -> anyhow::Result<(ListenAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
+) -> anyhow::Result<Grpc> {
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<ObserverServer<Observer>>().await;
     let reflection = || {
@@ -270,7 +287,11 @@ pub async fn start(
                     .await
                     .context("gRPC server")
             });
-            Ok((ListenAddr::Tcp(bound), task))
+            Ok(Grpc {
+                addr: ListenAddr::Tcp(bound),
+                task,
+                health,
+            })
         }
         ListenAddr::Unix(path) => {
             if path.exists() {
@@ -296,7 +317,11 @@ pub async fn start(
                 let _ = std::fs::remove_file(&owned);
                 served
             });
-            Ok((config.grpc_listen.clone(), task))
+            Ok(Grpc {
+                addr: config.grpc_listen.clone(),
+                task,
+                health,
+            })
         }
     }
 }

@@ -134,6 +134,7 @@ impl ServeState {
 pub struct Servers {
     pub grpc_addr: ListenAddr,
     pub metrics_addr: SocketAddr,
+    health: tonic_health::server::HealthReporter,
     stop: signal::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -147,7 +148,7 @@ impl Servers {
     ) -> anyhow::Result<Servers> {
         let state = ServeState::new(shared, &config, attached);
         let (stop, stopped) = signal::channel(false);
-        let (grpc_addr, grpc) = grpc::start(Arc::clone(&state), &config, stopped.clone()).await?;
+        let grpc = grpc::start(Arc::clone(&state), &config, stopped.clone()).await?;
         let (metrics_addr, metrics) = metrics::start(
             Arc::clone(&state),
             config.metrics_listen,
@@ -163,11 +164,17 @@ impl Servers {
             stopped,
         ));
         Ok(Servers {
-            grpc_addr,
+            grpc_addr: grpc.addr,
             metrics_addr,
+            health: grpc.health,
             stop,
-            tasks: vec![grpc, metrics, expiry],
+            tasks: vec![grpc.task, metrics, expiry],
         })
+    }
+
+    /// Health checks answer NOT_SERVING from now on.
+    pub async fn set_not_serving(&self) {
+        grpc::set_not_serving(&self.health).await;
     }
 
     pub async fn shutdown(self) -> anyhow::Result<()> {

@@ -115,13 +115,21 @@ pub fn root_attachments() -> Vec<(u64, String)> {
 
 /// Program ids attached through a bpf_link of type cgroup.
 pub fn cgroup_link_program_ids() -> BTreeSet<u64> {
+    cgroup_links()
+        .into_iter()
+        .map(|(_, program)| program)
+        .collect()
+}
+
+/// (link id, program id) of every bpf_link of type cgroup.
+pub fn cgroup_links() -> Vec<(u64, u64)> {
     bpftool(&["link", "show"])
         .as_array()
         .map(|links| {
             links
                 .iter()
                 .filter(|l| l["type"] == "cgroup")
-                .filter_map(|l| l["prog_id"].as_u64())
+                .filter_map(|l| Some((l["id"].as_u64()?, l["prog_id"].as_u64()?)))
                 .collect()
         })
         .unwrap_or_default()
