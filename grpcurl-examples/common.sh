@@ -10,6 +10,11 @@ if [ -n "${GRPCURL_TLS:-}" ]; then
 else
   TLS=(-plaintext)
 fi
+# A daemon run with --authz kubernetes wants a bearer token on every Observer call, e.g.
+# RESPWATCH_TOKEN=$(kubectl create token my-sa). Health and reflection need none.
+if [ -n "${RESPWATCH_TOKEN:-}" ]; then
+  TLS+=(-H "authorization: Bearer $RESPWATCH_TOKEN")
+fi
 # Streams end after SECONDS (grpcurl reports DeadlineExceeded then: that is the normal end).
 stream_for() {
   local seconds=$1

@@ -4,7 +4,15 @@ use std::{path::PathBuf, time::Duration};
 use anyhow::Context;
 use hyper_util::rt::TokioIo;
 use respwatch_proto::v1::observer_client::ObserverClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use secrecy::ExposeSecret;
+use tonic::{
+    metadata::MetadataValue,
+    service::{Interceptor, interceptor::InterceptedService},
+    transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity},
+};
+
+/// A connection to the daemon; every call carries the bearer token, if any.
+pub type Client = ObserverClient<InterceptedService<Channel, BearerToken>>;
 
 /// How to reach the daemon (global flags).
 #[derive(Clone, Debug, clap::Args)]
@@ -29,6 +37,87 @@ pub struct ServerArgs {
     /// Name to verify in the daemon's certificate (default: the host of --server).
     #[arg(long, global = true, env = "RESPWATCH_TLS_DOMAIN")]
     pub tls_domain: Option<String>,
+    /// Bearer token for a daemon run with `--authz kubernetes`. Default: the token of the
+    /// current kubeconfig user (as kubectl sends it), sent only over TLS or to a loopback or
+    /// unix address.
+    #[arg(
+        long,
+        global = true,
+        env = "RESPWATCH_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "token_file"
+    )]
+    pub token: Option<String>,
+    /// File holding the bearer token (a projected service account token, for instance).
+    #[arg(long, global = true, env = "RESPWATCH_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+}
+
+/// Adds `authorization: Bearer …` to every call.
+#[derive(Clone)]
+pub struct BearerToken(Option<MetadataValue<tonic::metadata::Ascii>>);
+
+impl Interceptor for BearerToken {
+    fn call(
+        &mut self,
+        mut request: tonic::Request<()>,
+    ) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+impl ServerArgs {
+    /// The token to send: `--token`, `--token-file`, or the kubeconfig user's, where safe.
+    fn bearer_token(&self) -> anyhow::Result<Option<String>> {
+        if let Some(token) = &self.token {
+            return Ok(Some(token.trim().to_owned()));
+        }
+        if let Some(path) = &self.token_file {
+            let token = std::fs::read_to_string(path)
+                .with_context(|| format!("reading --token-file {}", path.display()))?;
+            return Ok(Some(token.trim().to_owned()));
+        }
+        let protected = self.tls_ca.is_some()
+            || self.server.starts_with("unix:")
+            || self
+                .server
+                .parse::<std::net::SocketAddr>()
+                .is_ok_and(|addr| addr.ip().is_loopback())
+            || self.server.starts_with("localhost:");
+        Ok(protected.then(kubeconfig_token).flatten())
+    }
+}
+
+/// The current kubeconfig user's static token (`token` or `tokenFile`), as kubectl reads it.
+fn kubeconfig_token() -> Option<String> {
+    let config = kube::config::Kubeconfig::read().ok()?;
+    let context = config.current_context.as_ref()?;
+    let user = config
+        .contexts
+        .iter()
+        .find(|named| &named.name == context)?
+        .context
+        .as_ref()?
+        .user
+        .clone()?;
+    let auth = config
+        .auth_infos
+        .iter()
+        .find(|named| named.name == user)?
+        .auth_info
+        .as_ref()?;
+    match (&auth.token, &auth.token_file) {
+        (Some(token), _) => Some(token.expose_secret().trim().to_owned()),
+        (None, Some(file)) => std::fs::read_to_string(file)
+            .ok()
+            .map(|token| token.trim().to_owned()),
+        (None, None) => None,
+    }
 }
 
 /// The error shown when the daemon cannot be reached: one line, naming the address and what
@@ -59,7 +148,13 @@ fn root_cause(error: &(dyn std::error::Error + 'static)) -> String {
     current.to_string()
 }
 
-pub async fn connect(args: &ServerArgs) -> anyhow::Result<ObserverClient<Channel>> {
+pub async fn connect(args: &ServerArgs) -> anyhow::Result<Client> {
+    let token = match args.bearer_token()? {
+        Some(token) => Some(format!("Bearer {token}").parse().map_err(|_| {
+            anyhow::anyhow!("the bearer token has characters a header cannot carry")
+        })?),
+        None => None,
+    };
     let unix = args.server.strip_prefix("unix:").map(PathBuf::from);
     let scheme = if args.tls_ca.is_some() {
         "https"
@@ -111,7 +206,10 @@ pub async fn connect(args: &ServerArgs) -> anyhow::Result<ObserverClient<Channel
         server: args.server.clone(),
         cause: root_cause(&error),
     })?;
-    Ok(ObserverClient::new(channel).max_decoding_message_size(64 << 20))
+    Ok(
+        ObserverClient::with_interceptor(channel, BearerToken(token))
+            .max_decoding_message_size(64 << 20),
+    )
 }
 
 /// Turns a gRPC error into a one-line message (unavailable → [`Unreachable`]).

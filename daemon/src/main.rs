@@ -16,7 +16,7 @@ use respwatchd::{
     event::{KeyPolicy, KeyPrivacy},
     kube::{self as kubernetes, KubeConfig, Mode, PodIndex},
     pipeline::{Pipeline, PipelineConfig},
-    serve::{ListenAddr, MetricLabels, ServeConfig, Servers, TlsFiles},
+    serve::{ListenAddr, MetricLabels, ServeConfig, Servers, TlsFiles, authz::Authorizer},
 };
 use tokio::{
     signal::unix::{SignalKind, signal},
@@ -109,6 +109,19 @@ struct Args {
     /// point here; below the root only the processes under it are seen.
     #[arg(long, env = "RESPWATCH_CGROUP_ROOT")]
     cgroup_root: Option<PathBuf>,
+    /// Who may call the gRPC API: `none`, or `kubernetes` (a bearer token on every call,
+    /// checked with a TokenReview; Watch and GetStats show only the namespaces where the caller
+    /// may `get pods`, host processes only to callers who may do so cluster-wide).
+    #[arg(long, env = "RESPWATCH_AUTHZ", value_enum, default_value_t = Authz::None)]
+    authz: Authz,
+    /// Seconds a token's review and a caller's permissions are trusted before they are asked
+    /// again; an open Watch of a caller that lost a permission ends within this time.
+    #[arg(long, env = "RESPWATCH_AUTHZ_CACHE_SECONDS", default_value_t = 10)]
+    authz_cache_seconds: u64,
+    /// Serve the API beyond loopback with `--authz none` anyway: anyone who can reach the port
+    /// sees the key names and commands of every namespace.
+    #[arg(long, env = "RESPWATCH_INSECURE_NO_AUTHZ")]
+    insecure_no_authz: bool,
     /// Log filter, e.g. `info` or `respwatchd=debug`.
     #[arg(long, env = "RESPWATCH_LOG", default_value = "info")]
     log: String,
@@ -116,6 +129,12 @@ struct Args {
 
 /// How long health answers NOT_SERVING before the daemon exits after its pipeline stopped.
 const NOT_SERVING_GRACE: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum Authz {
+    None,
+    Kubernetes,
+}
 
 fn parse_listen(text: &str) -> Result<ListenAddr, String> {
     text.parse()
@@ -176,7 +195,29 @@ async fn run(args: Args) -> anyhow::Result<()> {
         pod_grace: Duration::from_secs(args.pod_grace_seconds),
         retry_max: Duration::from_secs(args.kubernetes_retry_max_seconds.max(1)),
     };
+    if args.authz == Authz::None
+        && !args.insecure_no_authz
+        && let ListenAddr::Tcp(addr) = &args.grpc_listen
+        && !addr.ip().is_loopback()
+    {
+        anyhow::bail!(
+            "--grpc-listen {addr} is beyond loopback and --authz is none: anyone who can reach \
+             it would see every namespace's commands and keys. Use --authz kubernetes (or \
+             --insecure-no-authz to serve it anyway)"
+        );
+    }
     let kube_client = kubernetes::client(&kube_config).await?;
+    let authz = match (args.authz, &kube_client) {
+        (Authz::None, _) => None,
+        (Authz::Kubernetes, Some(client)) => Some(Arc::new(Authorizer::new(
+            client.clone(),
+            Duration::from_secs(args.authz_cache_seconds.max(1)),
+        ))),
+        (Authz::Kubernetes, None) => anyhow::bail!(
+            "--authz kubernetes needs the Kubernetes API: pass --kubeconfig or set $KUBECONFIG, \
+             or run in a cluster"
+        ),
+    };
     if kube_client.is_none() && !namespaces.is_empty() {
         anyhow::bail!(
             "--namespaces needs Kubernetes pod metadata: pass --kubeconfig or set $KUBECONFIG, run in a cluster or use --kubernetes on"
@@ -219,6 +260,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         expire_after: Duration::from_secs(args.expire_seconds),
         watch_queue: args.watch_queue,
         max_subscribers: args.max_subscribers,
+        authz,
     };
     let servers = Servers::start(pipeline.shared(), serve, pipeline.attached()).await?;
     let (stop, stopped) = watch::channel(false);

@@ -449,6 +449,25 @@ fn rejects_bad_flags_before_touching_the_kernel() {
     );
     let stderr = run_to_failure(Command::new(DAEMON).args(["--grpc-listen", "nowhere"]));
     assert!(stderr.contains("nowhere"), "{stderr}");
+    // Beyond loopback, an API without authorization shows every namespace to anyone.
+    let stderr = run_to_failure(
+        Command::new(DAEMON)
+            .args(["--grpc-listen", &format!("0.0.0.0:{}", free_port())])
+            .args(["--metrics-listen", &format!("127.0.0.1:{}", free_port())]),
+    );
+    assert!(
+        stderr.contains("beyond loopback and --authz is none"),
+        "{stderr}"
+    );
+    let stderr = run_to_failure(
+        daemon()
+            .args(["--authz", "kubernetes", "--kubernetes", "off"])
+            .env_remove("KUBECONFIG"),
+    );
+    assert!(
+        stderr.contains("--authz kubernetes needs the Kubernetes API"),
+        "{stderr}"
+    );
     let stderr = run_to_failure(daemon().args(["--no-such-flag"]));
     assert!(stderr.contains("unexpected argument"), "{stderr}");
 }

@@ -765,11 +765,15 @@ assert c['livenessProbe']['grpc']['port'] == 50051 and c['readinessProbe']['grpc
 mounts = {m['mountPath'] for m in c['volumeMounts']}
 assert '/host/sys/fs/cgroup' in mounts, mounts
 assert '--cgroup-root=/host/sys/fs/cgroup' in c['args'], c['args']
+# Beyond loopback only with authorization: the daemon refuses to start otherwise.
+assert '--authz=kubernetes' in c['args'], c['args']
 assert svc['spec']['selector'].items() <= ds['spec']['template']['metadata']['labels'].items()
 role = docs['clusterrole.yaml']
 assert role['rules'] == [
     {'apiGroups': [''], 'resources': ['pods', 'services'], 'verbs': ['list', 'watch']},
     {'apiGroups': ['discovery.k8s.io'], 'resources': ['endpointslices'], 'verbs': ['list', 'watch']},
+    {'apiGroups': ['authentication.k8s.io'], 'resources': ['tokenreviews'], 'verbs': ['create']},
+    {'apiGroups': ['authorization.k8s.io'], 'resources': ['subjectaccessreviews'], 'verbs': ['create']},
 ], role
 binding = docs['clusterrolebinding.yaml']
 sa = docs['serviceaccount.yaml']
@@ -922,4 +926,225 @@ fn peers_are_named_from_services_and_endpoint_slices() {
             "{path} is watched: {requests:?}"
         );
     }
+}
+
+/// `redisctl` for `daemon` sending `token` (none: no token at all), and its output.
+fn as_caller(daemon: &Daemon, token: Option<&str>, args: &[&str]) -> std::process::Output {
+    let mut command = daemon.redisctl();
+    command.env_remove("RESPWATCH_TOKEN");
+    if let Some(token) = token {
+        command.args(["--token", token]);
+    }
+    command.args(args).output().expect("redisctl")
+}
+
+/// The namespaces of `redisctl stats -A` rows as `token`'s caller sees them ("" for host
+/// processes); the command must succeed.
+fn visible_namespaces(daemon: &Daemon, token: &str) -> BTreeSet<String> {
+    let out = as_caller(daemon, Some(token), &["stats", "-A", "-o", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).expect("stats json");
+    rows.iter()
+        .map(|r| field(r, "namespace").to_owned())
+        .collect()
+}
+
+/// `--authz kubernetes`: every call needs a token the API server accepts (TokenReview), and a
+/// caller sees the namespaces where it may `get pods` (SubjectAccessReview), granted to its user
+/// or to one of its groups; host processes only with that permission cluster-wide. Asking for
+/// more is PERMISSION_DENIED, and revoking a permission ends an open Watch within the cache
+/// lifetime. The double checks what it was asked: verb, resource, namespace, user and groups.
+#[test]
+fn rbac_decides_which_namespaces_each_caller_sees() {
+    let _turn = exclusive();
+    let node = "node-rbac";
+    let api = ApiServer::start();
+    let mut redis = pod(
+        node,
+        "prod",
+        "redis-0",
+        "redis",
+        "127.0.0.7",
+        None,
+        &[],
+        Driver::Systemd,
+    );
+    let mut staging = pod(
+        node,
+        "staging",
+        "s-0",
+        "app",
+        "10.244.7.2",
+        None,
+        &[],
+        Driver::Cgroupfs,
+    );
+    for p in [&redis, &staging] {
+        api.add(&p.spec);
+    }
+    api.add_token("t-alice", "alice", &[]);
+    api.add_token("t-bob", "bob", &["staging-readers"]);
+    api.add_token("t-admin", "admin", &[]);
+    api.grant("alice", "prod");
+    api.grant("group:staging-readers", "staging");
+    api.grant("admin", "");
+    let kubeconfig = api.kubeconfig();
+    let daemon = Daemon::start_authorized(
+        &[
+            "--kubeconfig",
+            kubeconfig.to_str().expect("utf-8"),
+            "--authz",
+            "kubernetes",
+            "--authz-cache-seconds",
+            "1",
+        ],
+        node,
+        "t-admin",
+    );
+    daemon.wait_synced();
+    let port = redis_server(&mut redis.cgroup, "127.0.0.7").to_string();
+    let traffic = |staging: &mut Pod| {
+        staging.cgroup.run(
+            "redis-cli",
+            &["-h", "127.0.0.7", "-p", &port, "SET", "sk", "v"],
+        );
+        let host = Command::new("redis-cli")
+            .args(["-h", "127.0.0.7", "-p", &port, "SET", "hk", "v"])
+            .output()
+            .expect("redis-cli");
+        assert!(host.status.success());
+    };
+    traffic(&mut staging);
+    wait_for("staging's and the host's SETs", || {
+        let namespaces = visible_namespaces(&daemon, "t-admin");
+        ["prod", "staging", ""]
+            .iter()
+            .all(|ns| namespaces.contains(*ns))
+    });
+
+    // No token, or one the API server does not accept: UNAUTHENTICATED, for every call.
+    for token in [None, Some("t-made-up")] {
+        for args in [
+            &["stats", "-A"][..],
+            &["status"],
+            &["watch", "-A", "--count", "1"],
+        ] {
+            let out = as_caller(&daemon, token, args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                !out.status.success() && stderr.contains("Unauthenticated"),
+                "{token:?} {args:?}: {stderr}"
+            );
+        }
+    }
+    // Users see their namespaces; a group's grant counts; the host needs cluster-wide access.
+    assert_eq!(
+        visible_namespaces(&daemon, "t-alice"),
+        BTreeSet::from(["prod".to_owned()])
+    );
+    assert_eq!(
+        visible_namespaces(&daemon, "t-bob"),
+        BTreeSet::from(["staging".to_owned()])
+    );
+    for (token, namespace) in [("t-alice", "staging"), ("t-bob", "prod")] {
+        let out = as_caller(&daemon, Some(token), &["stats", "-n", namespace]);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains("PermissionDenied"),
+            "{token} -n {namespace}: {stderr}"
+        );
+    }
+    // Watch: alice's stream shows prod's commands only, whoever else is busy.
+    let watch = as_caller_spawn(
+        &daemon,
+        "t-alice",
+        &["watch", "-A", "-o", "json", "--duration", "5s"],
+    );
+    wait_for("alice's watch", || {
+        daemon
+            .try_status()
+            .is_some_and(|s| s["subscribers"].as_u64() == Some(1))
+    });
+    traffic(&mut staging);
+    let out = watch.wait_with_output().expect("watch");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let events = json_lines(&String::from_utf8_lossy(&out.stdout));
+    assert!(!events.is_empty(), "alice saw nothing of prod");
+    assert!(
+        events.iter().all(|e| field(e, "namespace") == "prod"),
+        "{events:?}"
+    );
+    wait_for("alice's first watch to end", || {
+        daemon
+            .try_status()
+            .is_some_and(|s| s["subscribers"].as_u64() == Some(0))
+    });
+    // Revoked while watching: the stream ends with PERMISSION_DENIED within the cache lifetime.
+    let watch = as_caller_spawn(&daemon, "t-alice", &["watch", "-A", "--duration", "30s"]);
+    wait_for("alice's second watch", || {
+        daemon
+            .try_status()
+            .is_some_and(|s| s["subscribers"].as_u64() == Some(1))
+    });
+    let revoked = Instant::now();
+    api.revoke("alice", "prod");
+    let out = watch.wait_with_output().expect("watch");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("PermissionDenied"),
+        "{stderr}"
+    );
+    assert!(
+        revoked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        revoked.elapsed()
+    );
+
+    // What the API server was asked: alice's TokenReview, and reviews of `get pods` in prod
+    // for alice (with the groups her TokenReview gave) and of staging for bob's group.
+    let reviews = api.reviews();
+    assert!(
+        reviews
+            .iter()
+            .any(|r| r["kind"] == "TokenReview" && r["spec"]["token"] == "t-alice"),
+        "{reviews:?}"
+    );
+    let asked = |user: &str, namespace: &str, group: &str| {
+        reviews.iter().any(|r| {
+            let spec = &r["spec"];
+            let attributes = &spec["resourceAttributes"];
+            r["kind"] == "SubjectAccessReview"
+                && spec["user"] == user
+                && spec["groups"]
+                    .as_array()
+                    .is_some_and(|g| g.iter().any(|g| g == group))
+                && attributes["verb"] == "get"
+                && attributes["resource"] == "pods"
+                && attributes["namespace"] == namespace
+        })
+    };
+    assert!(
+        asked("alice", "prod", "system:authenticated"),
+        "{reviews:?}"
+    );
+    assert!(asked("bob", "staging", "staging-readers"), "{reviews:?}");
+}
+
+fn as_caller_spawn(daemon: &Daemon, token: &str, args: &[&str]) -> std::process::Child {
+    daemon
+        .redisctl()
+        .args(["--token", token])
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("redisctl")
 }

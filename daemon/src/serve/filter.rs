@@ -1,12 +1,13 @@
 //! `respwatch.v1.Filter`s, parsed once per request and applied to events (Watch) and to
 //! aggregation rows (GetStats). Fields inside one filter AND; filters in a list OR; the result
 //! is allow − deny.
-use std::sync::Arc;
+use std::{collections::BTreeSet, sync::Arc};
 
 use respwatch_proto::v1;
 use respwatch_resp::correlate::Role;
 use tonic::Status;
 
+use super::authz::Scope;
 use crate::{
     aggregate::{RowKey, RowStats},
     enrich::Attributor,
@@ -269,11 +270,12 @@ impl Filter {
     }
 }
 
-/// An allow list and a deny list.
-#[derive(Clone, Debug, Default)]
+/// An allow list and a deny list, within what the caller may see.
+#[derive(Clone, Debug)]
 pub struct FilterSet {
     allow: Vec<Filter>,
     deny: Vec<Filter>,
+    scope: Scope,
 }
 
 /// Filters per list, and the encoded size of one filter: every event of a subscriber is judged
@@ -305,7 +307,29 @@ impl FilterSet {
         Ok(FilterSet {
             allow: parse(allow)?,
             deny: parse(deny)?,
+            scope: Scope::Everything,
         })
+    }
+
+    /// Namespaces the allow filters name ("" for host processes): a caller must be allowed each.
+    pub fn requested_namespaces(&self) -> BTreeSet<String> {
+        self.allow
+            .iter()
+            .filter_map(|f| {
+                f.namespace
+                    .clone()
+                    .or_else(|| f.pod.as_ref().and_then(|pod| pod.namespace.clone()))
+            })
+            .collect()
+    }
+
+    /// Limits everything from now on to what the caller may see.
+    pub fn set_scope(&mut self, scope: Scope) {
+        self.scope = scope;
+    }
+
+    pub fn scope(&self) -> &Scope {
+        &self.scope
     }
 
     pub fn event_only(&self) -> bool {
@@ -340,6 +364,9 @@ impl FilterSet {
         event: &CommandEvent,
         attributor: &Attributor,
     ) -> bool {
+        if !self.scope.allows(&key.namespace) {
+            return false;
+        }
         let labels = self.labels_of(key, attributor);
         (self.allow.is_empty()
             || self
@@ -353,6 +380,9 @@ impl FilterSet {
     }
 
     pub fn allows_row(&self, key: &RowKey, stats: &RowStats, attributor: &Attributor) -> bool {
+        if !self.scope.allows(&key.namespace) {
+            return false;
+        }
         let labels = self.labels_of(key, attributor);
         (self.allow.is_empty()
             || self

@@ -22,7 +22,8 @@ use tonic::{
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use super::{
-    ListenAddr, ServeConfig, ServeState, convert, filter::FilterSet, now_unix_ns, stopped, watch,
+    ListenAddr, ServeConfig, ServeState, authz::Authorizer, convert, filter::FilterSet,
+    now_unix_ns, stopped, watch,
 };
 use crate::{aggregate::WINDOW_SECONDS, pipeline::Shared};
 
@@ -50,8 +51,9 @@ impl v1::observer_server::Observer for Observer {
         &self,
         request: Request<v1::WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
-        let request = request.into_inner();
-        let filters = FilterSet::parse(&request.allow, &request.deny)?;
+        let (metadata, _, request) = request.into_parts();
+        let mut filters = FilterSet::parse(&request.allow, &request.deny)?;
+        let authorized = self.state.authorize(&metadata, &mut filters).await?;
         // A place is taken here and given back when the subscriber ends.
         let max = self.state.max_subscribers;
         if self
@@ -69,6 +71,7 @@ impl v1::observer_server::Observer for Observer {
         Ok(Response::new(watch::subscribe(
             Arc::clone(&self.state),
             filters,
+            authorized,
             request.last as usize,
         )))
     }
@@ -77,8 +80,9 @@ impl v1::observer_server::Observer for Observer {
         &self,
         request: Request<v1::GetStatsRequest>,
     ) -> Result<Response<v1::GetStatsResponse>, Status> {
-        let request = request.into_inner();
-        let filters = FilterSet::parse(&request.allow, &request.deny)?;
+        let (metadata, _, request) = request.into_parts();
+        let mut filters = FilterSet::parse(&request.allow, &request.deny)?;
+        self.state.authorize(&metadata, &mut filters).await?;
         if filters.event_only() {
             return Err(Status::invalid_argument(
                 "key_prefix and min_latency_usec apply to Watch only",
@@ -151,8 +155,14 @@ impl v1::observer_server::Observer for Observer {
 
     async fn get_status(
         &self,
-        _: Request<v1::GetStatusRequest>,
+        request: Request<v1::GetStatusRequest>,
     ) -> Result<Response<v1::GetStatusResponse>, Status> {
+        // Node-wide counters only, no keys or commands: any authenticated caller.
+        if let Some(authorizer) = &self.state.authz {
+            authorizer
+                .authenticate(&Authorizer::token(request.metadata())?)
+                .await?;
+        }
         Ok(Response::new(status(&self.state)))
     }
 }

@@ -2,6 +2,7 @@
 //! standard health service) and the Prometheus `/metrics` endpoint, both reading the
 //! pipeline's [`Shared`] state. Nothing here can slow the pipeline: Watch subscribers read a
 //! broadcast channel and drop (and report) what they cannot keep up with.
+pub mod authz;
 mod convert;
 pub mod filter;
 mod grpc;
@@ -86,6 +87,8 @@ pub struct ServeConfig {
     pub watch_queue: usize,
     /// Watch streams open at once.
     pub max_subscribers: u64,
+    /// `--authz kubernetes`: who may see what.
+    pub authz: Option<Arc<authz::Authorizer>>,
 }
 
 /// What the serving side knows beyond the pipeline's counters.
@@ -105,6 +108,7 @@ pub struct ServeState {
     pub subscriber_drops: AtomicU64,
     /// Counts of expired rows that `/metrics` series still carry.
     pub retired: metrics::RetiredSeries,
+    pub authz: Option<Arc<authz::Authorizer>>,
 }
 
 impl ServeState {
@@ -126,6 +130,7 @@ impl ServeState {
             subscribers: AtomicU64::new(0),
             subscriber_drops: AtomicU64::new(0),
             retired: metrics::RetiredSeries::default(),
+            authz: config.authz.clone(),
         })
     }
 }
@@ -215,6 +220,44 @@ async fn expire_rows(
             }
             _ = stop.changed() => return Ok(()),
         }
+    }
+}
+
+impl ServeState {
+    /// Namespaces of this node's pods: what an authorized caller's scope is judged over.
+    pub fn known_namespaces(&self) -> std::collections::BTreeSet<String> {
+        self.shared
+            .attributor
+            .pods()
+            .map(|index| {
+                index
+                    .pods()
+                    .iter()
+                    .map(|pod| pod.namespace.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// With `--authz kubernetes`: the caller is authenticated and `filters` limited to what it
+    /// may see; what a Watch needs to check it again is returned.
+    pub async fn authorize(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+        filters: &mut filter::FilterSet,
+    ) -> Result<Option<authz::Authorized>, tonic::Status> {
+        let Some(authorizer) = &self.authz else {
+            return Ok(None);
+        };
+        let (authorized, scope) = authz::Authorized::check(
+            authorizer,
+            metadata,
+            &self.known_namespaces(),
+            filters.requested_namespaces(),
+        )
+        .await?;
+        filters.set_scope(scope);
+        Ok(Some(authorized))
     }
 }
 

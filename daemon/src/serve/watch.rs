@@ -17,13 +17,18 @@ use tokio::sync::{
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
-use super::{ServeState, convert, filter::FilterSet, now_unix_ns};
+use super::{ServeState, authz::Authorized, convert, filter::FilterSet, now_unix_ns};
 use crate::event::CommandEvent;
 
 type Item = Result<v1::WatchResponse, Status>;
 
 /// Subscribes now (so nothing published after this call is missed) and returns the stream.
-pub fn subscribe(state: Arc<ServeState>, filters: FilterSet, last: usize) -> ReceiverStream<Item> {
+pub fn subscribe(
+    state: Arc<ServeState>,
+    filters: FilterSet,
+    authorized: Option<Authorized>,
+    last: usize,
+) -> ReceiverStream<Item> {
     let live = state.shared.events.subscribe();
     // Recent events, taken after subscribing: the ones also still on their way through the
     // broadcast are skipped there (by identity).
@@ -52,6 +57,7 @@ pub fn subscribe(state: Arc<ServeState>, filters: FilterSet, last: usize) -> Rec
     let subscriber = Subscriber {
         state,
         filters,
+        authorized,
         tx,
         sequence: 0,
         pending: None,
@@ -71,6 +77,8 @@ struct Pending {
 struct Subscriber {
     state: Arc<ServeState>,
     filters: FilterSet,
+    /// With `--authz kubernetes`: checked again once per cache lifetime.
+    authorized: Option<Authorized>,
     tx: mpsc::Sender<Item>,
     sequence: u64,
     pending: Option<Pending>,
@@ -142,6 +150,9 @@ impl Subscriber {
                     Flow::Continue
                 }
                 Wake::Tick => {
+                    if let Flow::Closed = self.recheck().await {
+                        return self.close();
+                    }
                     let kernel = kernel_losses();
                     let desyncs = counters.desyncs.load(Ordering::Relaxed);
                     if kernel > reported_kernel
@@ -165,6 +176,27 @@ impl Subscriber {
 
     fn close(self) {
         self.state.subscribers.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// The caller may see less now (or its token expired): narrower from here on, or the
+    /// stream ends with the status that says why.
+    async fn recheck(&mut self) -> Flow {
+        let Some(authorized) = &mut self.authorized else {
+            return Flow::Continue;
+        };
+        let known = self.state.known_namespaces();
+        match authorized.recheck(self.filters.scope(), &known).await {
+            Ok(Some(scope)) => self.filters.set_scope(scope),
+            Ok(None) => {}
+            Err(status) => {
+                // Behind the queued events; a subscriber that reads nothing still loses its
+                // stream (ended without the status) rather than its place being held.
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), self.tx.send(Err(status))).await;
+                return Flow::Closed;
+            }
+        }
+        Flow::Continue
     }
 
     fn accept(&mut self, event: &Arc<CommandEvent>) -> Flow {

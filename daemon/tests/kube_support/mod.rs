@@ -1,7 +1,8 @@
 //! What the Kubernetes tests build for real, short of a cluster: kubelet-named cgroup v2 pod
 //! hierarchies with real processes in them, and an API server test double that speaks the
 //! Kubernetes wire format (PodList, newline-delimited watch events with resourceVersions,
-//! bookmarks, 410 Gone), reached by the daemon through a kubeconfig file.
+//! bookmarks, 410 Gone, TokenReview and SubjectAccessReview), reached by the daemon through a
+//! kubeconfig file.
 #![allow(dead_code, reason = "each test uses a different part")]
 
 use std::{
@@ -369,6 +370,12 @@ struct State {
     collections: BTreeMap<&'static str, Vec<Value>>,
     /// Bumped when a collection changes: its open watches end.
     collection_changes: u64,
+    /// Bearer tokens the TokenReview accepts: token → (user name, groups).
+    tokens: BTreeMap<String, (String, Vec<String>)>,
+    /// Who may `get pods` where: (user or `group:NAME`, namespace; "" for cluster-wide).
+    grants: Vec<(String, String)>,
+    /// Every TokenReview and SubjectAccessReview posted, as received.
+    reviews: Vec<Value>,
 }
 
 /// Paths of the cluster-wide collections the double can serve besides pods, with their list
@@ -554,6 +561,36 @@ impl ApiServer {
         self.state.0.lock().expect("state").requests.clone()
     }
 
+    /// A bearer token the TokenReview accepts as `user` in `groups`.
+    pub fn add_token(&self, token: &str, user: &str, groups: &[&str]) {
+        let mut state = self.state.0.lock().expect("state");
+        let groups = groups.iter().map(|g| (*g).to_owned()).collect();
+        state
+            .tokens
+            .insert(token.to_owned(), (user.to_owned(), groups));
+    }
+
+    /// Lets `subject` (a user name, or `group:NAME`) `get pods` in `namespace` ("" for every
+    /// namespace, as a ClusterRoleBinding would).
+    pub fn grant(&self, subject: &str, namespace: &str) {
+        let mut state = self.state.0.lock().expect("state");
+        state
+            .grants
+            .push((subject.to_owned(), namespace.to_owned()));
+    }
+
+    pub fn revoke(&self, subject: &str, namespace: &str) {
+        let mut state = self.state.0.lock().expect("state");
+        state
+            .grants
+            .retain(|(s, ns)| !(s == subject && ns == namespace));
+    }
+
+    /// The TokenReviews and SubjectAccessReviews the daemon posted.
+    pub fn reviews(&self) -> Vec<Value> {
+        self.state.0.lock().expect("state").reviews.clone()
+    }
+
     /// Sets the objects of a collection in [`COLLECTIONS`] (Service or EndpointSlice JSON, as the
     /// real server sends them); open watches of it end so the client re-lists.
     pub fn set_collection(&self, path: &'static str, items: Vec<Value>) {
@@ -630,6 +667,68 @@ fn percent_decode(text: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// `POST` of a TokenReview or SubjectAccessReview: answered like the real API server (201, the
+/// object back with its status), from the tokens and grants the test set.
+fn review(
+    stream: &mut TcpStream,
+    shared: &Arc<(Mutex<State>, Condvar)>,
+    path: &str,
+    mut body: Value,
+) -> std::io::Result<()> {
+    let mut state = shared.0.lock().expect("state");
+    state.reviews.push(body.clone());
+    match path {
+        "/apis/authentication.k8s.io/v1/tokenreviews" => {
+            let token = body["spec"]["token"].as_str().unwrap_or_default();
+            body["status"] = match state.tokens.get(token) {
+                Some((user, groups)) => {
+                    let mut groups = groups.clone();
+                    groups.push("system:authenticated".to_owned());
+                    json!({
+                        "authenticated": true,
+                        "user": {"username": user, "uid": format!("uid-{user}"), "groups": groups}
+                    })
+                }
+                None => json!({"user": {}, "error": "[invalid bearer token]"}),
+            };
+        }
+        "/apis/authorization.k8s.io/v1/subjectaccessreviews" => {
+            let spec = &body["spec"];
+            let attributes = &spec["resourceAttributes"];
+            let is_get_pods = attributes["verb"] == "get" && attributes["resource"] == "pods";
+            let namespace = attributes["namespace"].as_str().unwrap_or_default();
+            let user = spec["user"].as_str().unwrap_or_default();
+            let groups: Vec<&str> = spec["groups"]
+                .as_array()
+                .map(|g| g.iter().filter_map(Value::as_str).collect())
+                .unwrap_or_default();
+            let allowed = is_get_pods
+                && state.grants.iter().any(|(subject, granted)| {
+                    let who = match subject.strip_prefix("group:") {
+                        Some(group) => groups.contains(&group),
+                        None => subject == user,
+                    };
+                    who && (granted.is_empty() || granted == namespace)
+                });
+            body["status"] = json!({"allowed": allowed});
+        }
+        _ => {
+            drop(state);
+            return respond(
+                stream,
+                404,
+                &status_json(
+                    404,
+                    "NotFound",
+                    &format!("POST {path}: not served by the double"),
+                ),
+            );
+        }
+    }
+    drop(state);
+    respond(stream, 201, &body)
+}
+
 fn status_json(code: u16, reason: &str, message: &str) -> Value {
     json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {},
@@ -641,6 +740,7 @@ fn respond(stream: &mut TcpStream, code: u16, body: &Value) -> std::io::Result<(
     let text = body.to_string();
     let reason = match code {
         200 => "OK",
+        201 => "Created",
         404 => "Not Found",
         410 => "Gone",
         _ => "Bad Request",
@@ -669,10 +769,16 @@ fn serve(stream: TcpStream, shared: &Arc<(Mutex<State>, Condvar)>) -> std::io::R
     let mut reader = BufReader::new(stream.try_clone()?);
     let mut request_line = String::new();
     reader.read_line(&mut request_line)?;
+    let mut content_length = 0;
     loop {
         let mut header = String::new();
         if reader.read_line(&mut header)? == 0 || header == "\r\n" || header == "\n" {
             break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            content_length = value.trim().parse().unwrap_or(0);
         }
     }
     let mut stream = stream;
@@ -681,6 +787,12 @@ fn serve(stream: TcpStream, shared: &Arc<(Mutex<State>, Condvar)>) -> std::io::R
     let (path, params) = query(target);
     let (lock, cvar) = &**shared;
     lock.lock().expect("state").requests.push(target.to_owned());
+    if method == "POST" {
+        let mut body = vec![0; content_length];
+        reader.read_exact(&mut body)?;
+        let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+        return review(&mut stream, shared, &path, body);
+    }
     if method == "GET"
         && let Some((path, list_kind, api_version)) =
             COLLECTIONS.iter().find(|(known, ..)| *known == path)
@@ -870,6 +982,8 @@ pub struct Daemon {
     pub metrics: String,
     pub log: PathBuf,
     child: Child,
+    /// The bearer token its `redisctl` sends (with `--authz kubernetes`).
+    token: Option<String>,
 }
 
 impl Daemon {
@@ -882,6 +996,17 @@ impl Daemon {
         Daemon::start_with_env(args, node, grpc, &[])
     }
 
+    /// [`Daemon::start`] for a daemon that checks tokens: its `redisctl` sends `token`.
+    pub fn start_authorized(args: &[&str], node: &str, token: &str) -> Daemon {
+        Daemon::start_full(
+            args,
+            node,
+            &format!("127.0.0.1:{}", free_port()),
+            &[],
+            Some(token),
+        )
+    }
+
     /// [`Daemon::start_at`] with these environment variables set (and no other kubeconfig or
     /// in-cluster variable inherited from the test's environment).
     pub fn start_with_env(
@@ -889,6 +1014,16 @@ impl Daemon {
         node: &str,
         grpc: &str,
         env: &[(&str, &std::ffi::OsStr)],
+    ) -> Daemon {
+        Daemon::start_full(args, node, grpc, env, None)
+    }
+
+    fn start_full(
+        args: &[&str],
+        node: &str,
+        grpc: &str,
+        env: &[(&str, &std::ffi::OsStr)],
+        token: Option<&str>,
     ) -> Daemon {
         let grpc = grpc.to_owned();
         let metrics = format!("127.0.0.1:{}", free_port());
@@ -913,6 +1048,7 @@ impl Daemon {
             metrics,
             log,
             child,
+            token: token.map(str::to_owned),
         };
         let deadline = Instant::now() + WAIT;
         while daemon.try_status().is_none() {
@@ -931,8 +1067,9 @@ impl Daemon {
     }
 
     pub fn try_status(&self) -> Option<Value> {
-        let out = Command::new(redisctl_path())
-            .args(["--server", &self.grpc, "status", "-o", "json"])
+        let out = self
+            .redisctl()
+            .args(["status", "-o", "json"])
             .output()
             .ok()?;
         out.status
@@ -963,11 +1100,18 @@ impl Daemon {
         }
     }
 
+    /// `redisctl` for this daemon, with its token if it has one, and no kubeconfig of the
+    /// test's environment to take one from.
     pub fn redisctl(&self) -> Command {
         let mut command = Command::new(redisctl_path());
         command
             .env("RESPWATCH_SERVER", &self.grpc)
-            .env("NO_COLOR", "1");
+            .env("NO_COLOR", "1")
+            .env("KUBECONFIG", "/nonexistent")
+            .env_remove("RESPWATCH_TOKEN");
+        if let Some(token) = &self.token {
+            command.env("RESPWATCH_TOKEN", token);
+        }
         command
     }
 
