@@ -452,51 +452,9 @@ fn project(key: &RowKey, group_by: &[GroupBy]) -> RowKey {
 mod tests {
     use super::*;
     use crate::{
-        enrich::Process,
-        streams::{ConnId, ConnMeta},
+        streams::ConnMeta,
+        test_support::{conn, event},
     };
-
-    fn conn(id: u64, pid: u32) -> Arc<ConnMeta> {
-        Arc::new(ConnMeta {
-            id: ConnId(id),
-            process: Arc::new(Process {
-                pid,
-                comm: "app".into(),
-                cgroup_id: 1,
-                cgroup_path: None,
-                container_id: None,
-                pod_uid: None,
-            }),
-            socket: None,
-            opener: None,
-            mid_stream: false,
-        })
-    }
-
-    fn event(
-        conn: &Arc<ConnMeta>,
-        command: &str,
-        second: u64,
-        latency_ns: u64,
-    ) -> Arc<CommandEvent> {
-        Arc::new(CommandEvent {
-            time_unix_ns: second * 1_000_000_000 + 5,
-            role: Role::Server,
-            conn: Arc::clone(conn),
-            command: command.to_owned().into(),
-            key: None,
-            argc: 2,
-            request_bytes: 10,
-            reply_bytes: 5,
-            reply: "bulk",
-            error: None,
-            outcome: Outcome::Ok,
-            counted: command != "nosuch",
-            latency_ns,
-            pipeline_depth: 1,
-            in_transaction: false,
-        })
-    }
 
     /// The row key the pipeline would build: process and command (peer, pod left out).
     fn key_of(event: &CommandEvent) -> RowKey {

@@ -11,3 +11,5 @@ pub mod pipeline;
 pub mod serve;
 pub mod sockets;
 pub mod streams;
+#[cfg(test)]
+mod test_support;

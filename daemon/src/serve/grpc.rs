@@ -27,6 +27,9 @@ use super::{
 };
 use crate::{aggregate::WINDOW_SECONDS, pipeline::Shared};
 
+/// HTTP/2 streams per client connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+
 /// The service implementation.
 #[derive(Clone)]
 pub struct Observer {
@@ -269,7 +272,10 @@ pub async fn start(
     let mut builder = Server::builder()
         .tcp_keepalive(Some(Duration::from_secs(60)))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        // Streams one connection may have open at once (Watch streams are capped node-wide by
+        // --max-subscribers on top): a client cannot make the daemon hold unbounded calls.
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
     if let Some(tls) = tls_config(config)? {
         builder = builder.tls_config(tls).context("TLS configuration")?;
     } else if let ListenAddr::Tcp(addr) = &config.grpc_listen

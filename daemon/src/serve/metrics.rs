@@ -561,6 +561,7 @@ pub async fn start(
     let bound = listener.local_addr()?;
     tracing::info!(addr = %bound, labels = %chosen, "metrics listening on /metrics");
     let chosen = Arc::new(chosen);
+    let renders = Arc::new(tokio::sync::Mutex::new(()));
     let task = tokio::spawn(async move {
         let shutdown = stopped(stop);
         tokio::pin!(shutdown);
@@ -569,8 +570,10 @@ pub async fn start(
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
                         let (state, chosen) = (Arc::clone(&state), Arc::clone(&chosen));
+                        let renders = Arc::clone(&renders);
                         tokio::spawn(async move {
-                            if let Err(error) = handle(stream, &state, &chosen).await {
+                            let handled = handle(stream, &state, &chosen, &renders, WRITE_TIMEOUT);
+                            if let Err(error) = handled.await {
                                 tracing::debug!(%error, "metrics request");
                             }
                         });
@@ -587,10 +590,18 @@ pub async fn start(
     Ok((bound, task))
 }
 
+/// How long a scraper has to take a response: one that stops reading is dropped, so it holds
+/// no rendered text (and no connection) beyond this.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// `renders`: one render at a time, however many scrapers come at once (each render holds the
+/// aggregation a moment and builds the whole text).
 async fn handle(
     mut stream: TcpStream,
     state: &ServeState,
     chosen: &MetricLabels,
+    renders: &tokio::sync::Mutex<()>,
+    write_timeout: Duration,
 ) -> anyhow::Result<()> {
     let mut request = Vec::with_capacity(1024);
     let mut buf = [0u8; 1024];
@@ -614,11 +625,10 @@ async fn handle(
     );
     let path = target.split('?').next().unwrap_or_default();
     let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => (
-            "200 OK",
-            "text/plain; version=0.0.4; charset=utf-8",
-            render(state, chosen),
-        ),
+        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", {
+            let _one_at_a_time = renders.lock().await;
+            render(state, chosen)
+        }),
         ("GET" | "HEAD", "/") => (
             "200 OK",
             "text/plain; charset=utf-8",
@@ -639,17 +649,121 @@ async fn handle(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes()).await?;
-    if method != "HEAD" {
-        stream.write_all(body.as_bytes()).await?;
+    let respond = async {
+        stream.write_all(head.as_bytes()).await?;
+        if method != "HEAD" {
+            stream.write_all(body.as_bytes()).await?;
+        }
+        stream.shutdown().await
+    };
+    match tokio::time::timeout(write_timeout, respond).await {
+        Ok(written) => Ok(written?),
+        Err(_) => anyhow::bail!("the scraper did not take the response within {write_timeout:?}"),
     }
-    stream.shutdown().await?;
-    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{
+        enrich::Attributor,
+        pipeline::{PipelineConfig, Shared},
+        test_support::{conn, event},
+    };
+
+    /// A scraper that asks and then takes nothing is dropped after the write timeout, and
+    /// holds up no other scraper meanwhile (the render is not held while writing). Both sockets
+    /// get small buffers, so the response really cannot be written.
+    #[tokio::test]
+    async fn a_scraper_that_stops_reading_is_dropped_and_holds_up_no_other() {
+        let shared = Arc::new(Shared::new(
+            PipelineConfig::default(),
+            Attributor::default(),
+        ));
+        let now = crate::serve::now_unix_ns() / 1_000_000_000;
+        let events: Vec<_> = (0..2000u32)
+            .map(|pid| event(&conn(u64::from(pid), pid), "get", now, 1_000))
+            .collect();
+        shared
+            .aggregator
+            .lock()
+            .expect("lock")
+            .record_batch(&events, |e| shared.row_key(e));
+        let config = crate::serve::ServeConfig {
+            grpc_listen: crate::serve::ListenAddr::Unix("/unused".into()),
+            metrics_listen: "127.0.0.1:0".parse().expect("addr"),
+            node_name: "test".into(),
+            tls: None,
+            metric_labels: "pid,command".parse().expect("labels"),
+            expire_after: Duration::from_secs(300),
+            watch_queue: 1,
+            max_subscribers: 1,
+            authz: None,
+        };
+        let state = ServeState::new(shared, &config, Vec::new());
+        let chosen = config.metric_labels.clone();
+        let renders = tokio::sync::Mutex::new(());
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let small = tokio::net::TcpSocket::new_v4().expect("socket");
+        small.set_recv_buffer_size(4096).expect("rcvbuf");
+        let mut stalled = small.connect(addr).await.expect("connect");
+        let (stalled_server, _) = listener.accept().await.expect("accept");
+        let sndbuf: libc::c_int = 4096;
+        // SAFETY: setsockopt on a socket this test owns, with a c_int option value.
+        let set = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&stalled_server),
+                libc::SOL_SOCKET,
+                libc::SO_SNDBUF,
+                std::ptr::addr_of!(sndbuf).cast(),
+                size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0);
+        stalled
+            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .expect("ask");
+        let mut other = TcpStream::connect(addr).await.expect("connect");
+        let (other_server, _) = listener.accept().await.expect("accept");
+        other
+            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .await
+            .expect("ask");
+        let started = std::time::Instant::now();
+        let write_timeout = Duration::from_secs(2);
+        let stalled_side = async {
+            let result = handle(stalled_server, &state, &chosen, &renders, write_timeout).await;
+            (result, started.elapsed())
+        };
+        let other_side = async {
+            let (handled, response) = tokio::join!(
+                handle(other_server, &state, &chosen, &renders, write_timeout),
+                async {
+                    let mut response = Vec::new();
+                    other.read_to_end(&mut response).await.map(|_| response)
+                }
+            );
+            (handled, response, started.elapsed())
+        };
+        let ((stalled_result, dropped_after), (handled, response, answered_after)) =
+            tokio::join!(stalled_side, other_side);
+        let response = String::from_utf8(response.expect("read")).expect("utf-8");
+        handled.expect("the other scrape is answered");
+        assert!(response.len() > 200_000, "{} bytes", response.len());
+        assert!(response.trim_end().ends_with("} 1"), "whole response");
+        assert!(answered_after < write_timeout, "{answered_after:?}");
+        let error = stalled_result.expect_err("the stalled scraper is dropped");
+        assert!(
+            error.to_string().contains("did not take the response"),
+            "{error}"
+        );
+        assert!(
+            dropped_after >= write_timeout && dropped_after < 4 * write_timeout,
+            "{dropped_after:?}"
+        );
+    }
 
     #[test]
     fn labels_parse() {
