@@ -768,6 +768,23 @@ assert '--cgroup-root=/host/sys/fs/cgroup' in c['args'], c['args']
 # Beyond loopback only with authorization: the daemon refuses to start otherwise.
 assert '--authz=kubernetes' in c['args'], c['args']
 assert svc['spec']['selector'].items() <= ds['spec']['template']['metadata']['labels'].items()
+# The NetworkPolicy selects the daemon's pods and admits exactly its two ports: gRPC from
+# labelled namespaces, metrics from the monitoring namespace.
+policy = docs['networkpolicy.yaml']
+assert policy['metadata']['namespace'] == ds['metadata']['namespace']
+assert policy['spec']['podSelector']['matchLabels'].items() <= ds['spec']['template']['metadata']['labels'].items()
+assert policy['spec']['policyTypes'] == ['Ingress']
+container_ports = {p['name']: p['containerPort'] for p in c['ports']}
+rules = {}
+for rule in policy['spec']['ingress']:
+    (source,) = rule['from']
+    (port,) = rule['ports']
+    assert port['port'] in container_ports, (port, container_ports)
+    rules[port['port']] = source['namespaceSelector']['matchLabels']
+assert rules == {
+    'grpc': {'respwatch.io/api-access': 'true'},
+    'metrics': {'kubernetes.io/metadata.name': 'monitoring'},
+}, rules
 role = docs['clusterrole.yaml']
 assert role['rules'] == [
     {'apiGroups': [''], 'resources': ['pods', 'services'], 'verbs': ['list', 'watch']},
