@@ -81,6 +81,10 @@ struct Args {
     /// PEM CA: when set, gRPC clients must present a certificate it signed.
     #[arg(long, env = "RESPWATCH_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// A second, plaintext listener (`host:port`) that serves only `grpc.health.v1`: for
+    /// kubelet's gRPC probes, which speak no TLS, when the API port has TLS on.
+    #[arg(long, env = "RESPWATCH_HEALTH_LISTEN", value_parser = respwatchd::serve::resolve)]
+    health_listen: Option<SocketAddr>,
     /// Kubernetes pod metadata: `auto` (on with --kubeconfig, $KUBECONFIG or inside a
     /// cluster), `on`, `off`.
     #[arg(long, env = "RESPWATCH_KUBERNETES", default_value_t = Mode::Auto)]
@@ -261,6 +265,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         watch_queue: args.watch_queue,
         max_subscribers: args.max_subscribers,
         authz,
+        health_listen: args.health_listen,
     };
     let servers = Servers::start(pipeline.shared(), serve, pipeline.attached()).await?;
     let (stop, stopped) = watch::channel(false);

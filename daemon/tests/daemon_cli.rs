@@ -472,7 +472,8 @@ fn rejects_bad_flags_before_touching_the_kernel() {
     assert!(stderr.contains("unexpected argument"), "{stderr}");
 }
 
-/// A CA, and a server and a client certificate it signed, made with openssl in `dir`.
+/// A CA, and two server certificates (CN server and rotated) and a client certificate it
+/// signed, made with openssl in `dir`.
 fn make_certificates(dir: &std::path::Path) {
     let sh = |script: &str| {
         let out = Command::new("sh")
@@ -493,6 +494,8 @@ fn make_certificates(dir: &std::path::Path) {
     ));
     for (name, ext) in [
         ("server", "subjectAltName=IP:127.0.0.1"),
+        // The server's next certificate, for rotation.
+        ("rotated", "subjectAltName=IP:127.0.0.1"),
         ("client", "extendedKeyUsage=clientAuth"),
     ] {
         sh(&format!(
@@ -575,6 +578,116 @@ fn serves_the_api_over_tls_with_optional_client_certificates() {
         );
         assert!(!listed(&plaintext), "plaintext client got in");
     }
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The subject of the certificate the daemon serves to a new connection.
+fn served_subject(address: &str) -> String {
+    let out = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "openssl s_client -connect {address} </dev/null 2>/dev/null | openssl x509 -noout -subject"
+        ))
+        .output()
+        .expect("openssl");
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Kubernetes updates a mounted Secret in place: the new files go to a new directory, then the
+/// `..data` symlink is swapped to it. New connections then get the new certificate, without a
+/// restart; an update that does not load (half-written) is skipped and the last good one stays.
+/// Health probes get a plaintext listener of their own (`--health-listen`).
+#[test]
+fn certificates_rotated_like_a_mounted_secret_are_served_without_a_restart() {
+    let _turn = one_daemon_at_a_time();
+    let dir = std::env::temp_dir().join(format!("respwatch-rotate-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    make_certificates(&dir);
+    let secret = dir.join("secret");
+    let version = |name: &str, cert: &[u8], key: &[u8]| {
+        let at = secret.join(name);
+        std::fs::create_dir_all(&at).expect("version dir");
+        std::fs::write(at.join("tls.crt"), cert).expect("cert");
+        std::fs::write(at.join("tls.key"), key).expect("key");
+        // The atomic swap kubelet makes.
+        let next = secret.join("..data_tmp");
+        let _ = std::fs::remove_file(&next);
+        std::os::unix::fs::symlink(name, &next).expect("symlink");
+        std::fs::rename(&next, secret.join("..data")).expect("swap ..data");
+    };
+    let read = |name: &str| std::fs::read(dir.join(name)).expect("certificate file");
+    version("..v1", &read("server.pem"), &read("server.key"));
+    for file in ["tls.crt", "tls.key"] {
+        std::os::unix::fs::symlink(format!("..data/{file}"), secret.join(file)).expect("symlink");
+    }
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let health_port = free_port();
+    let mut command = daemon_serving_at(port, free_port());
+    command
+        .args(["--health-listen", &format!("127.0.0.1:{health_port}")])
+        .arg("--tls-cert")
+        .arg(secret.join("tls.crt"))
+        .arg("--tls-key")
+        .arg(secret.join("tls.key"));
+    let (child, _) = start(command);
+    let daemon = Reaped(child);
+    let ca = dir.join("ca.pem").to_string_lossy().into_owned();
+    let healthy = || {
+        grpcurl(&["-cacert", &ca, &address, "grpc.health.v1.Health/Check"])
+            .status
+            .success()
+    };
+    assert!(
+        served_subject(&address).contains("CN = server"),
+        "{}",
+        served_subject(&address)
+    );
+    assert!(healthy());
+    // kubelet's gRPC probes speak no TLS: a plaintext listener answers health, and only that.
+    assert_eq!(health(health_port), Some(ServingStatus::Serving));
+    assert_eq!(health(port), None, "plaintext on the TLS port");
+    let observer = grpcurl(&[
+        "-plaintext",
+        "-import-path",
+        concat!(env!("CARGO_MANIFEST_DIR"), "/../proto"),
+        "-proto",
+        "respwatch/v1/respwatch.proto",
+        &format!("127.0.0.1:{health_port}"),
+        "respwatch.v1.Observer/GetStatus",
+    ]);
+    assert!(
+        String::from_utf8_lossy(&observer.stderr).contains("Unimplemented"),
+        "the health listener serves more than health: {}",
+        String::from_utf8_lossy(&observer.stderr)
+    );
+
+    version("..v2", &read("rotated.pem"), &read("rotated.key"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    while !served_subject(&address).contains("CN = rotated") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still {}",
+            served_subject(&address)
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(healthy(), "the rotated certificate serves the API");
+
+    version(
+        "..v3",
+        b"-----BEGIN CERTIFICATE-----\nhalf",
+        &read("server.key"),
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(
+        served_subject(&address).contains("CN = rotated"),
+        "{}",
+        served_subject(&address)
+    );
+    assert!(healthy(), "a broken update is skipped");
+    drop(daemon);
     let _ = std::fs::remove_dir_all(dir);
 }
 

@@ -761,7 +761,17 @@ assert sorted(c['securityContext']['capabilities']['add']) == ['BPF', 'NET_ADMIN
 assert c['securityContext'].get('privileged') is False
 env = {e['name']: e for e in c['env']}
 assert env['NODE_NAME']['valueFrom']['fieldRef']['fieldPath'] == 'spec.nodeName'
-assert c['livenessProbe']['grpc']['port'] == 50051 and c['readinessProbe']['grpc']['port'] == 50051
+# TLS on the API, certificates from a Secret mounted as a directory (so rotations arrive), and
+# probes on the plaintext health-only port.
+args = c['args']
+assert '--tls-cert=/etc/respwatch/tls/tls.crt' in args and '--tls-key=/etc/respwatch/tls/tls.key' in args, args
+tls_mount = [m for m in c['volumeMounts'] if m['mountPath'] == '/etc/respwatch/tls']
+assert len(tls_mount) == 1 and 'subPath' not in tls_mount[0], tls_mount
+volumes = {v['name']: v for v in pod['volumes']}
+assert volumes[tls_mount[0]['name']]['secret']['secretName'] == 'respwatch-tls'
+health_port = {p['name']: p['containerPort'] for p in c['ports']}['health']
+assert f'--health-listen=0.0.0.0:{health_port}' in args, args
+assert c['livenessProbe']['grpc']['port'] == health_port and c['readinessProbe']['grpc']['port'] == health_port
 mounts = {m['mountPath'] for m in c['volumeMounts']}
 assert '/host/sys/fs/cgroup' in mounts, mounts
 assert '--cgroup-root=/host/sys/fs/cgroup' in c['args'], c['args']

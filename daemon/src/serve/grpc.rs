@@ -17,13 +17,13 @@ use tokio::sync::watch as signal;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{
     Request, Response, Status,
-    transport::{Certificate, Identity, Server, ServerTlsConfig, server::TcpIncoming},
+    transport::{Server, server::TcpIncoming},
 };
 use tonic_health::{ServingStatus, server::HealthReporter};
 
 use super::{
     ListenAddr, ServeConfig, ServeState, authz::Authorizer, convert, filter::FilterSet,
-    now_unix_ns, stopped, watch,
+    now_unix_ns, stopped, tls::ReloadingTls, watch,
 };
 use crate::{aggregate::WINDOW_SECONDS, pipeline::Shared};
 
@@ -221,21 +221,6 @@ pub fn status(state: &ServeState) -> v1::GetStatusResponse {
     }
 }
 
-fn tls_config(config: &ServeConfig) -> anyhow::Result<Option<ServerTlsConfig>> {
-    let Some(files) = &config.tls else {
-        return Ok(None);
-    };
-    let read = |path: &std::path::PathBuf| {
-        std::fs::read(path).with_context(|| format!("reading {}", path.display()))
-    };
-    let mut tls =
-        ServerTlsConfig::new().identity(Identity::from_pem(read(&files.cert)?, read(&files.key)?));
-    if let Some(ca) = &files.client_ca {
-        tls = tls.client_ca_root(Certificate::from_pem(read(ca)?));
-    }
-    Ok(Some(tls))
-}
-
 /// The gRPC server: where it listens, its task, and what its health service answers.
 pub struct Grpc {
     pub addr: ListenAddr,
@@ -276,12 +261,32 @@ pub async fn start(
         // Streams one connection may have open at once (Watch streams are capped node-wide by
         // --max-subscribers on top): a client cannot make the daemon hold unbounded calls.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
-    if let Some(tls) = tls_config(config)? {
-        builder = builder.tls_config(tls).context("TLS configuration")?;
-    } else if let ListenAddr::Tcp(addr) = &config.grpc_listen
+    let tls = match &config.tls {
+        Some(files) => Some(Arc::new(ReloadingTls::new(files.clone())?)),
+        None => None,
+    };
+    if tls.is_none()
+        && let ListenAddr::Tcp(addr) = &config.grpc_listen
         && !addr.ip().is_loopback()
     {
         tracing::warn!(%addr, "gRPC listens beyond loopback without TLS: anyone who can reach it sees Redis traffic metadata; pass --tls-cert/--tls-key");
+    }
+    if let Some(addr) = config.health_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("health listener on {addr}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "gRPC health checks listening (plaintext, health only)");
+        let health_only = Server::builder().add_service(health_service.clone());
+        let shutdown = stopped(stop.clone());
+        tokio::spawn(async move {
+            let incoming = TcpIncoming::from(listener);
+            if let Err(error) = health_only
+                .serve_with_incoming_shutdown(incoming, shutdown)
+                .await
+            {
+                tracing::warn!(%error, "health listener");
+            }
+        });
     }
     let router = builder
         .add_service(health_service)
@@ -295,13 +300,22 @@ pub async fn start(
                 .await
                 .with_context(|| format!("gRPC listener on {addr}"))?;
             let bound: SocketAddr = listener.local_addr()?;
-            let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
-            tracing::info!(addr = %bound, tls = config.tls.is_some(), "gRPC API listening");
+            tracing::info!(addr = %bound, tls = tls.is_some(), "gRPC API listening");
             let task = tokio::spawn(async move {
-                router
-                    .serve_with_incoming_shutdown(incoming, shutdown)
-                    .await
-                    .context("gRPC server")
+                match tls {
+                    Some(tls) => {
+                        router
+                            .serve_with_incoming_shutdown(tls.incoming(listener), shutdown)
+                            .await
+                    }
+                    None => {
+                        let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+                        router
+                            .serve_with_incoming_shutdown(incoming, shutdown)
+                            .await
+                    }
+                }
+                .context("gRPC server")
             });
             Ok(Grpc {
                 addr: ListenAddr::Tcp(bound),
@@ -310,6 +324,11 @@ pub async fn start(
             })
         }
         ListenAddr::Unix(path) => {
+            anyhow::ensure!(
+                tls.is_none(),
+                "TLS (--tls-cert) is for a TCP --grpc-listen; a unix socket is guarded by its \
+                 file permissions"
+            );
             if path.exists() {
                 // A stale socket of an earlier run; binding fails while a live one holds it.
                 if std::os::unix::net::UnixStream::connect(path).is_ok() {

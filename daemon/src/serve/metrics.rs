@@ -699,6 +699,7 @@ mod tests {
             watch_queue: 1,
             max_subscribers: 1,
             authz: None,
+            health_listen: None,
         };
         let state = ServeState::new(shared, &config, Vec::new());
         let chosen = config.metric_labels.clone();

@@ -7,6 +7,7 @@ mod convert;
 pub mod filter;
 mod grpc;
 pub mod metrics;
+mod tls;
 mod watch;
 
 use std::{
@@ -89,6 +90,8 @@ pub struct ServeConfig {
     pub max_subscribers: u64,
     /// `--authz kubernetes`: who may see what.
     pub authz: Option<Arc<authz::Authorizer>>,
+    /// A plaintext listener for health checks only.
+    pub health_listen: Option<SocketAddr>,
 }
 
 /// What the serving side knows beyond the pipeline's counters.
