@@ -72,6 +72,9 @@ fn watch_filters_show_exactly_the_matching_commands() {
     let _turn = exclusive();
     daemon();
     let server = RedisServer::start(&[]);
+    // The PING that checked the server was up is through the pipeline before anyone watches:
+    // events reach Watch 10–15 ms after the command, and it is not one of the commands below.
+    wait_for_server_calls(server.pid(), &[("ping", 1)]);
     let pid = server.pid().to_string();
     let watches: Vec<Vec<String>> = vec![
         vec![
