@@ -983,8 +983,8 @@ fn visible_namespaces(daemon: &Daemon, token: &str) -> BTreeSet<String> {
 /// `--authz kubernetes`: every call needs a token the API server accepts (TokenReview), and a
 /// caller sees the namespaces where it may `get pods` (SubjectAccessReview), granted to its user
 /// or to one of its groups; host processes only with that permission cluster-wide. Asking for
-/// more is PERMISSION_DENIED, and revoking a permission ends an open Watch within the cache
-/// lifetime. The double checks what it was asked: verb, resource, namespace, user and groups.
+/// more is PERMISSION_DENIED, revoking a permission ends an open Watch within the cache
+/// lifetime, and an expired token is refused. The double checks what it was asked: verb, resource, namespace, user and groups.
 #[test]
 fn rbac_decides_which_namespaces_each_caller_sees() {
     let _turn = exclusive();
@@ -1134,6 +1134,18 @@ fn rbac_decides_which_namespaces_each_caller_sees() {
         "{:?}",
         revoked.elapsed()
     );
+
+    // A token that expires is refused once its review is older than the cache lifetime.
+    assert!(
+        as_caller(&daemon, Some("t-bob"), &["status"])
+            .status
+            .success()
+    );
+    api.expire_token("t-bob");
+    wait_for("bob's expired token refused", || {
+        let out = as_caller(&daemon, Some("t-bob"), &["stats", "-A"]);
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("Unauthenticated")
+    });
 
     // What the API server was asked: alice's TokenReview, and reviews of `get pods` in prod
     // for alice (with the groups her TokenReview gave) and of staging for bob's group.

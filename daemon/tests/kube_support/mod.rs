@@ -570,6 +570,11 @@ impl ApiServer {
             .insert(token.to_owned(), (user.to_owned(), groups));
     }
 
+    /// The token stops passing its TokenReview, as when it expires.
+    pub fn expire_token(&self, token: &str) {
+        self.state.0.lock().expect("state").tokens.remove(token);
+    }
+
     /// Lets `subject` (a user name, or `group:NAME`) `get pods` in `namespace` ("" for every
     /// namespace, as a ClusterRoleBinding would).
     pub fn grant(&self, subject: &str, namespace: &str) {
