@@ -81,6 +81,10 @@ struct Args {
     /// PEM CA: when set, gRPC clients must present a certificate it signed.
     #[arg(long, env = "RESPWATCH_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// Serve gRPC server reflection (what `grpcurl list`/`describe` use). Off unless asked for:
+    /// it tells anyone who connects the whole API.
+    #[arg(long, env = "RESPWATCH_REFLECTION")]
+    reflection: bool,
     /// A second, plaintext listener (`host:port`) that serves only `grpc.health.v1`: for
     /// kubelet's gRPC probes, which speak no TLS, when the API port has TLS on.
     #[arg(long, env = "RESPWATCH_HEALTH_LISTEN", value_parser = respwatchd::serve::resolve)]
@@ -266,6 +270,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_subscribers: args.max_subscribers,
         authz,
         health_listen: args.health_listen,
+        reflection: args.reflection,
     };
     let servers = Servers::start(pipeline.shared(), serve, pipeline.attached()).await?;
     let (stop, stopped) = watch::channel(false);

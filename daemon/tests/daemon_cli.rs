@@ -537,6 +537,8 @@ fn serves_the_api_over_tls_with_optional_client_certificates() {
                 &address,
                 "--metrics-listen",
                 &format!("127.0.0.1:{}", free_port()),
+                // `grpcurl list` below asks reflection.
+                "--reflection",
             ])
             .args([
                 "--tls-cert",
@@ -579,6 +581,30 @@ fn serves_the_api_over_tls_with_optional_client_certificates() {
         assert!(!listed(&plaintext), "plaintext client got in");
     }
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// Reflection tells anyone who connects the whole API: served only with `--reflection`.
+#[test]
+fn reflection_is_served_only_when_asked_for() {
+    let _turn = one_daemon_at_a_time();
+    for asked in [false, true] {
+        let port = free_port();
+        let mut command = daemon_serving_at(port, free_port());
+        if asked {
+            command.arg("--reflection");
+        }
+        let (child, _) = start(command);
+        let daemon = Reaped(child);
+        let listed = grpcurl(&["-plaintext", &format!("127.0.0.1:{port}"), "list"]);
+        let text = String::from_utf8_lossy(&listed.stdout);
+        assert_eq!(
+            listed.status.success() && text.contains("respwatch.v1.Observer"),
+            asked,
+            "--reflection {asked}: {text}{}",
+            String::from_utf8_lossy(&listed.stderr)
+        );
+        drop(daemon);
+    }
 }
 
 /// The subject of the certificate the daemon serves to a new connection.
@@ -626,6 +652,7 @@ fn certificates_rotated_like_a_mounted_secret_are_served_without_a_restart() {
     let health_port = free_port();
     let mut command = daemon_serving_at(port, free_port());
     command
+        .arg("--reflection")
         .args(["--health-listen", &format!("127.0.0.1:{health_port}")])
         .arg("--tls-cert")
         .arg(secret.join("tls.crt"))

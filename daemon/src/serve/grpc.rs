@@ -250,8 +250,14 @@ pub async fn start(
             .register_encoded_file_descriptor_set(v1::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
     };
-    let reflection_v1 = reflection().build_v1().context("reflection v1")?;
-    let reflection_v1alpha = reflection().build_v1alpha().context("reflection v1alpha")?;
+    let (reflection_v1, reflection_v1alpha) = if config.reflection {
+        (
+            Some(reflection().build_v1().context("reflection v1")?),
+            Some(reflection().build_v1alpha().context("reflection v1alpha")?),
+        )
+    } else {
+        (None, None)
+    };
     // Dead peers and half-open connections are found and closed instead of holding a
     // subscriber's place forever.
     let mut builder = Server::builder()
@@ -290,8 +296,8 @@ pub async fn start(
     }
     let router = builder
         .add_service(health_service)
-        .add_service(reflection_v1)
-        .add_service(reflection_v1alpha)
+        .add_optional_service(reflection_v1)
+        .add_optional_service(reflection_v1alpha)
         .add_service(ObserverServer::new(Observer::new(state)));
     let shutdown = stopped(stop);
     match &config.grpc_listen {

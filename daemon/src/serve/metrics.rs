@@ -700,6 +700,7 @@ mod tests {
             max_subscribers: 1,
             authz: None,
             health_listen: None,
+            reflection: false,
         };
         let state = ServeState::new(shared, &config, Vec::new());
         let chosen = config.metric_labels.clone();

@@ -92,6 +92,8 @@ pub struct ServeConfig {
     pub authz: Option<Arc<authz::Authorizer>>,
     /// A plaintext listener for health checks only.
     pub health_listen: Option<SocketAddr>,
+    /// gRPC server reflection on the API port.
+    pub reflection: bool,
 }
 
 /// What the serving side knows beyond the pipeline's counters.

@@ -57,6 +57,8 @@ pub fn daemon() -> &'static Daemon {
                 .args(["--watch-queue", &WATCH_QUEUE.to_string()])
                 .args(["--log", "respwatchd=trace,warn"])
                 .args(["--max-subscribers", &MAX_SUBSCRIBERS.to_string()])
+                // The grpcurl examples list and describe the API through reflection.
+                .arg("--reflection")
                 .args([
                     "--metrics-labels",
                     "namespace,pod,container,pid,comm,role,command",
