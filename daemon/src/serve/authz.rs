@@ -127,10 +127,7 @@ impl Authorizer {
             },
             ..TokenReview::default()
         };
-        let reviewed = Api::<TokenReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|error| unavailable("TokenReview", &error))?;
+        let reviewed = self.create_review("TokenReview", &review).await?;
         let caller = reviewed
             .status
             .filter(|status| status.authenticated == Some(true))
@@ -169,13 +166,28 @@ impl Authorizer {
             },
             ..SubjectAccessReview::default()
         };
-        let reviewed = Api::<SubjectAccessReview>::all(self.client.clone())
-            .create(&PostParams::default(), &review)
-            .await
-            .map_err(|error| unavailable("SubjectAccessReview", &error))?;
+        let reviewed = self.create_review("SubjectAccessReview", &review).await?;
         let allowed = reviewed.status.is_some_and(|status| status.allowed);
         self.remember(&self.access, key, allowed);
         Ok(allowed)
+    }
+
+    /// Posts a review and returns it with the API server's answer in its status.
+    async fn create_review<K>(&self, what: &str, review: &K) -> Result<K, Status>
+    where
+        K: kube::Resource<DynamicType = ()>
+            + Clone
+            + std::fmt::Debug
+            + k8s_openapi::serde::Serialize
+            + k8s_openapi::serde::de::DeserializeOwned,
+    {
+        Api::<K>::all(self.client.clone())
+            .create(&PostParams::default(), review)
+            .await
+            .map_err(|error| {
+                tracing::warn!(%error, "{what} failed");
+                Status::unavailable(format!("authorization: {what} failed: {error}"))
+            })
     }
 
     /// What the caller may see of `known` (the namespaces of this node's pods); every namespace
@@ -263,10 +275,11 @@ impl Authorized {
 
     /// Once per cache lifetime: the caller again, and what it may see now. A scope that lost
     /// a namespace `shown` had is PERMISSION_DENIED: a revoked permission ends the stream.
+    /// `known` gives the namespaces of this node's pods, asked only when a check is due.
     pub async fn recheck(
         &mut self,
         shown: &Scope,
-        known: &BTreeSet<String>,
+        known: impl FnOnce() -> BTreeSet<String>,
     ) -> Result<Option<Scope>, Status> {
         if self.checked.elapsed() < self.authorizer.ttl {
             return Ok(None);
@@ -275,7 +288,7 @@ impl Authorized {
         let caller = self.authorizer.authenticate(&self.token).await?;
         let now = self
             .authorizer
-            .scope(&caller, known, &self.requested)
+            .scope(&caller, &known(), &self.requested)
             .await?;
         if !shown.still_covered_by(&now) {
             return Err(Status::permission_denied(format!(
@@ -289,11 +302,6 @@ impl Authorized {
 
 fn not_accepted() -> Status {
     Status::unauthenticated("the Kubernetes API server did not accept the bearer token")
-}
-
-fn unavailable(what: &str, error: &kube::Error) -> Status {
-    tracing::warn!(%error, "{what} failed");
-    Status::unavailable(format!("authorization: {what} failed: {error}"))
 }
 
 #[cfg(test)]

@@ -184,8 +184,11 @@ impl Subscriber {
         let Some(authorized) = &mut self.authorized else {
             return Flow::Continue;
         };
-        let known = self.state.known_namespaces();
-        match authorized.recheck(self.filters.scope(), &known).await {
+        let state = &self.state;
+        match authorized
+            .recheck(self.filters.scope(), || state.known_namespaces())
+            .await
+        {
             Ok(Some(scope)) => self.filters.set_scope(scope),
             Ok(None) => {}
             Err(status) => {
