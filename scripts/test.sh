@@ -2,7 +2,7 @@
 # Runs every test: installs what is missing (scripts/bootstrap.sh), builds once in release
 # mode, checks formatting and lints, then runs the unit, property and eBPF integration tests.
 # Needs root: the integration tests load eBPF programs and start redis-server.
-# With --fast: formatting, lints, and the unit and property tests only, which need no root
+# With --fast: formatting, lints, the unit and property tests and the allocation test, which need no root
 # (a quick loop while editing; CI runs everything).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,6 +32,7 @@ if $fast; then
   echo "== cargo test (fast tier: unit and property tests, no root)"
   cargo test --release --lib --bins "${features[@]}"
   cargo test --release -p respwatch-resp --test "*"
+  cargo test --release -p respwatchd --test allocations "${features[@]}"
   exit 0
 fi
 echo "== cargo test"

@@ -1,6 +1,7 @@
 //! Aggregate stage: per (role, pod/process, peer, command) counters with Redis' own meaning, a
 //! latency histogram, bytes and errors by prefix. One model behind `GetStats` and `/metrics`.
 use std::{
+    borrow::Cow,
     collections::{BTreeMap, VecDeque},
     sync::Arc,
 };
@@ -9,7 +10,7 @@ use foldhash::{HashMap, HashMapExt};
 use respwatch_resp::correlate::{Outcome, Role};
 
 use crate::{
-    enrich::RowPeer,
+    enrich::{Process, RowPeer},
     event::{CommandEvent, UNKNOWN_COMMAND},
 };
 
@@ -141,19 +142,14 @@ pub struct RowStats {
 
 impl RowStats {
     fn record(&mut self, event: &CommandEvent) {
-        match event.outcome {
-            Outcome::Ok | Outcome::Unknown => self.calls += 1,
-            Outcome::Failed => {
-                self.calls += 1;
-                self.failed_calls += 1;
-            }
-            Outcome::Rejected if event.counted => self.rejected_calls += 1,
-            Outcome::Rejected | Outcome::Discarded => {}
-        }
-        if event.counted && event.outcome != Outcome::Rejected {
-            self.latency_ns += event.latency_ns;
-            self.max_ns = self.max_ns.max(event.latency_ns);
-            self.histogram.record(event.latency_ns);
+        let (calls, failed, rejected) = calls_of(event);
+        self.calls += calls;
+        self.failed_calls += failed;
+        self.rejected_calls += rejected;
+        if let Some(latency) = counted_latency(event) {
+            self.latency_ns += latency;
+            self.max_ns = self.max_ns.max(latency);
+            self.histogram.record(latency);
         }
         let (bytes_in, bytes_out) = event.bytes_in_out();
         self.bytes_in += bytes_in;
@@ -222,11 +218,139 @@ pub enum GroupBy {
     Peer,
 }
 
+/// The stats tables. Rows are found on the hot path through [`Slot`]s (what a row key is made
+/// of, without its strings), then updated in place: a command costs no allocation once its row
+/// and slot exist.
 #[derive(Default)]
 pub struct Aggregator {
-    total: HashMap<RowKey, RowStats>,
-    /// Per-second rows of the last [`WINDOW_SECONDS`], newest last.
-    recent: VecDeque<(u64, HashMap<RowKey, RowStats>)>,
+    /// Rows by id; `None` where an expired row's id waits to be reused.
+    rows: Vec<Option<Row>>,
+    free: Vec<u32>,
+    by_key: HashMap<RowKey, u32>,
+    slots: HashMap<Slot, SlotRow>,
+    /// The attribution generation the slots were resolved under (see `Attributor::generation`).
+    slots_generation: u64,
+    /// Per-second stats of the last [`WINDOW_SECONDS`], oldest first.
+    recent: VecDeque<Second>,
+    /// Seconds that left the window, emptied for reuse.
+    spare_seconds: Vec<Second>,
+}
+
+struct Row {
+    key: RowKey,
+    stats: RowStats,
+}
+
+/// Everything a row key is made of (see `Attributor::row_key`), the process by identity and the
+/// command by its name's address in the command table.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+struct Slot {
+    process: usize,
+    peer: RowPeer,
+    role: Role,
+    command: (usize, usize),
+}
+
+struct SlotRow {
+    row: u32,
+    /// Holds the process whose address is in the slot, so it cannot be reused by another.
+    _process: Arc<Process>,
+}
+
+/// Slots kept at most: a cache, emptied when full.
+const MAX_SLOTS: usize = 4 * MAX_ROWS;
+
+/// One second of the window: compact stats per row id, kept (zeroed) for reuse.
+struct Second {
+    second: u64,
+    rows: HashMap<u32, WindowStats>,
+}
+
+/// A row's stats in one second: [`RowStats`] with the histogram's used buckets only.
+#[derive(Default)]
+struct WindowStats {
+    calls: u64,
+    latency_ns: u64,
+    rejected_calls: u64,
+    failed_calls: u64,
+    max_ns: u64,
+    bytes_in: u64,
+    bytes_out: u64,
+    /// (bucket, count), in bucket order.
+    buckets: Vec<(u16, u32)>,
+    errors: Vec<(Cow<'static, str>, u64)>,
+    last_seen_ns: u64,
+}
+
+impl WindowStats {
+    fn record(&mut self, event: &CommandEvent) {
+        let (calls, failed, rejected) = calls_of(event);
+        self.calls += calls;
+        self.failed_calls += failed;
+        self.rejected_calls += rejected;
+        let (bytes_in, bytes_out) = event.bytes_in_out();
+        self.bytes_in += bytes_in;
+        self.bytes_out += bytes_out;
+        self.last_seen_ns = self.last_seen_ns.max(event.time_unix_ns);
+        if let Some(latency) = counted_latency(event) {
+            self.latency_ns += latency;
+            self.max_ns = self.max_ns.max(latency);
+            let bucket = Histogram::index(latency) as u16;
+            match self.buckets.binary_search_by_key(&bucket, |(b, _)| *b) {
+                Ok(at) => self.buckets[at].1 += 1,
+                Err(at) => self.buckets.insert(at, (bucket, 1)),
+            }
+        }
+        if let Some(error) = &event.error {
+            let prefix = if self.errors.iter().any(|(known, _)| *known == error.prefix)
+                || self.errors.len() < MAX_ERROR_PREFIXES
+            {
+                &error.prefix
+            } else {
+                &Cow::Borrowed(OVERFLOW_ERROR_PREFIX)
+            };
+            match self.errors.iter_mut().find(|(known, _)| known == prefix) {
+                Some((_, count)) => *count += 1,
+                None => self.errors.push((prefix.clone(), 1)),
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.last_seen_ns == 0
+    }
+
+    /// Zeroed in place, keeping its room.
+    fn reset(&mut self) {
+        let (mut buckets, mut errors) = (
+            std::mem::take(&mut self.buckets),
+            std::mem::take(&mut self.errors),
+        );
+        buckets.clear();
+        errors.clear();
+        *self = WindowStats {
+            buckets,
+            errors,
+            ..WindowStats::default()
+        };
+    }
+
+    fn add_to(&self, stats: &mut RowStats) {
+        stats.calls += self.calls;
+        stats.latency_ns += self.latency_ns;
+        stats.rejected_calls += self.rejected_calls;
+        stats.failed_calls += self.failed_calls;
+        stats.max_ns = stats.max_ns.max(self.max_ns);
+        stats.bytes_in += self.bytes_in;
+        stats.bytes_out += self.bytes_out;
+        for (bucket, count) in &self.buckets {
+            stats.histogram.buckets[usize::from(*bucket)] += u64::from(*count);
+        }
+        for (prefix, count) in &self.errors {
+            stats.count_error(prefix, *count);
+        }
+        stats.last_seen_ns = stats.last_seen_ns.max(self.last_seen_ns);
+    }
 }
 
 impl Aggregator {
@@ -235,107 +359,153 @@ impl Aggregator {
     }
 
     pub fn rows(&self) -> usize {
-        self.total.len()
+        self.by_key.len()
     }
 
-    /// Records a batch of events. Events of one process, peer, role, command and second share a
-    /// row, so the row key (pod, process and peer strings) is built and hashed once per group
-    /// rather than once per event: that lookup was the daemon's largest cost per command.
-    /// `row_key` must depend on nothing else of an event.
+    /// Records a batch of events. `row_key` (built only for a row not seen before) must depend
+    /// on nothing of an event but what a [`Slot`] holds; `generation` is the attribution's:
+    /// when it changes, rows are looked up by their names again.
     pub fn record_batch(
         &mut self,
-        events: &[Arc<CommandEvent>],
+        events: &[CommandEvent],
+        generation: u64,
         row_key: impl Fn(&CommandEvent) -> RowKey,
     ) {
-        let mut groups: HashMap<BatchGroup<'_>, (&CommandEvent, RowStats)> = HashMap::new();
-        for event in events {
-            let group = BatchGroup {
-                process: Arc::as_ptr(&event.conn.process) as usize,
-                peer: RowPeer::of(event),
-                role: event.role,
-                command: stats_command(event),
-                second: event.time_unix_ns / 1_000_000_000,
-            };
-            groups
-                .entry(group)
-                .or_insert_with(|| (event, RowStats::default()))
-                .1
-                .record(event);
+        if generation != self.slots_generation {
+            self.slots.clear();
+            self.slots_generation = generation;
         }
-        // Connections of one process and peer share a group, so the row key (strings) is built
-        // and the long-lived tables (cold in the cache) are looked up once per row and batch
-        // rather than once per connection or event.
-        let mut rows: Vec<_> = groups.into_iter().collect();
-        rows.sort_unstable_by_key(|(group, _)| group.second);
-        for (group, (first, stats)) in rows {
-            let mut key = row_key(first);
-            if key.command != group.command {
-                key.command = group.command.to_owned();
+        for event in events {
+            let row = self.row_of(event, &row_key);
+            if let Some(Some(row)) = self.rows.get_mut(row as usize) {
+                row.stats.record(event);
             }
-            self.add(key, group.second, &stats);
+            if let Some(second) = self.second_mut(event.time_unix_ns / 1_000_000_000) {
+                second.entry(row).or_default().record(event);
+            }
         }
     }
 
-    /// Known rows (the common case) are found without cloning the key: comparing and cloning its
-    /// strings was the aggregator's largest cost.
-    fn add(&mut self, key: RowKey, second: u64, stats: &RowStats) {
-        let key = match self.total.get_mut(&key) {
-            Some(total) => {
-                total.merge(stats);
-                key
+    /// The row of an event: through its slot, else by its key (made and kept once).
+    fn row_of(&mut self, event: &CommandEvent, row_key: &impl Fn(&CommandEvent) -> RowKey) -> u32 {
+        let command = stats_command(event);
+        let slot = command.map(|name| Slot {
+            process: Arc::as_ptr(&event.conn.process) as usize,
+            peer: RowPeer::of(event),
+            role: event.role,
+            command: (name.as_ptr() as usize, name.len()),
+        });
+        if let Some(found) = slot.and_then(|slot| self.slots.get(&slot)) {
+            return found.row;
+        }
+        let mut key = row_key(event);
+        let name = command.unwrap_or(&event.command);
+        if key.command != name {
+            key.command = name.to_owned();
+        }
+        let row = self.row_by_key(key);
+        if let Some(slot) = slot {
+            if self.slots.len() >= MAX_SLOTS {
+                self.slots.clear();
+            }
+            self.slots.insert(
+                slot,
+                SlotRow {
+                    row,
+                    _process: Arc::clone(&event.conn.process),
+                },
+            );
+        }
+        row
+    }
+
+    /// The id of the row of `key`, made when new (the overflow row past [`MAX_ROWS`]).
+    fn row_by_key(&mut self, key: RowKey) -> u32 {
+        if let Some(row) = self.by_key.get(&key) {
+            return *row;
+        }
+        let key = if self.by_key.len() >= MAX_ROWS {
+            let overflow = RowKey {
+                comm: OVERFLOW.to_owned(),
+                ..RowKey::empty(key.role)
+            };
+            if let Some(row) = self.by_key.get(&overflow) {
+                return *row;
+            }
+            overflow
+        } else {
+            key
+        };
+        let row = Row {
+            key: key.clone(),
+            stats: RowStats::default(),
+        };
+        let id = match self.free.pop() {
+            Some(id) => {
+                self.rows[id as usize] = Some(row);
+                id
             }
             None => {
-                let key = if self.total.len() >= MAX_ROWS {
-                    RowKey {
-                        role: key.role,
-                        comm: OVERFLOW.to_owned(),
-                        ..RowKey::empty(key.role)
-                    }
-                } else {
-                    key
-                };
-                self.total.entry(key.clone()).or_default().merge(stats);
-                key
+                self.rows.push(Some(row));
+                (self.rows.len() - 1) as u32
             }
         };
-        if let Some(rows) = self.second_mut(second) {
-            match rows.get_mut(&key) {
-                Some(row) => row.merge(stats),
-                None => rows.entry(key).or_default().merge(stats),
-            }
-        }
+        self.by_key.insert(key, id);
+        id
     }
 
-    /// The rows of `second`, created when new; `None` when it is older than the window.
-    fn second_mut(&mut self, second: u64) -> Option<&mut HashMap<RowKey, RowStats>> {
-        let newest = self.recent.back().map(|(newest, _)| *newest);
+    /// The rows of `second`, made (from a recycled second) when new; `None` when it is older
+    /// than the window.
+    fn second_mut(&mut self, second: u64) -> Option<&mut HashMap<u32, WindowStats>> {
+        let newest = self.recent.back().map(|kept| kept.second);
         if newest.is_none_or(|newest| newest < second) {
-            self.recent.push_back((second, HashMap::new()));
             while self
                 .recent
                 .front()
-                .is_some_and(|(oldest, _)| oldest + WINDOW_SECONDS as u64 <= second)
+                .is_some_and(|oldest| oldest.second + WINDOW_SECONDS as u64 <= second)
             {
-                self.recent.pop_front();
+                if let Some(gone) = self.recent.pop_front() {
+                    self.spare_seconds.push(gone);
+                }
             }
-            return self.recent.back_mut().map(|(_, rows)| rows);
+            let fresh = self.fresh_second(second);
+            self.recent.push_back(fresh);
+            return self.recent.back_mut().map(|kept| &mut kept.rows);
         }
         // A late event (a batch that ran behind): its own second, while still in the window.
         if newest.is_some_and(|newest| newest - second >= WINDOW_SECONDS as u64) {
             return None;
         }
-        let position = match self.recent.iter().rposition(|(kept, _)| *kept <= second) {
-            Some(position) if self.recent[position].0 == second => position,
+        let position = match self.recent.iter().rposition(|kept| kept.second <= second) {
+            Some(position) if self.recent[position].second == second => position,
             Some(position) => {
-                self.recent.insert(position + 1, (second, HashMap::new()));
+                let fresh = self.fresh_second(second);
+                self.recent.insert(position + 1, fresh);
                 position + 1
             }
             None => {
-                self.recent.push_front((second, HashMap::new()));
+                let fresh = self.fresh_second(second);
+                self.recent.push_front(fresh);
                 0
             }
         };
-        self.recent.get_mut(position).map(|(_, rows)| rows)
+        self.recent.get_mut(position).map(|kept| &mut kept.rows)
+    }
+
+    /// A second for the window: a recycled one, its rows zeroed in place (rows that stay
+    /// quiet keep an empty entry, bounded by the rows that exist).
+    fn fresh_second(&mut self, second: u64) -> Second {
+        match self.spare_seconds.pop() {
+            Some(mut spare) => {
+                spare.second = second;
+                spare.rows.values_mut().for_each(WindowStats::reset);
+                spare
+            }
+            None => Second {
+                second,
+                rows: HashMap::new(),
+            },
+        }
     }
 
     /// Rows matching `filter`, summed over everything not in `group_by`, cumulative or over the
@@ -347,21 +517,29 @@ impl Aggregator {
         window: Option<(u64, u64)>,
     ) -> Vec<(RowKey, RowStats)> {
         let mut grouped: HashMap<RowKey, RowStats> = HashMap::new();
-        let mut add = |key: &RowKey, stats: &RowStats| {
-            if filter(key) {
-                grouped
-                    .entry(project(key, group_by))
-                    .or_default()
-                    .merge(stats);
-            }
-        };
         match window {
-            None => self.total.iter().for_each(|(key, stats)| add(key, stats)),
+            None => {
+                for row in self.rows.iter().flatten() {
+                    if filter(&row.key) {
+                        grouped
+                            .entry(project(&row.key, group_by))
+                            .or_default()
+                            .merge(&row.stats);
+                    }
+                }
+            }
             Some((now_unix_s, seconds)) => {
                 let since = now_unix_s.saturating_sub(seconds);
-                for (second, rows) in &self.recent {
-                    if *second > since {
-                        rows.iter().for_each(|(key, stats)| add(key, stats));
+                for kept in self.recent.iter().filter(|kept| kept.second > since) {
+                    for (id, stats) in &kept.rows {
+                        if stats.is_empty() {
+                            continue;
+                        }
+                        if let Some(Some(row)) = self.rows.get(*id as usize)
+                            && filter(&row.key)
+                        {
+                            stats.add_to(grouped.entry(project(&row.key, group_by)).or_default());
+                        }
                     }
                 }
             }
@@ -377,32 +555,54 @@ impl Aggregator {
         grace_ns: u64,
         alive: impl Fn(&RowKey) -> bool,
     ) -> Vec<(RowKey, RowStats)> {
-        self.total
-            .extract_if(|key, stats| {
-                !alive(key) && now_unix_ns.saturating_sub(stats.last_seen_ns) >= grace_ns
-            })
-            .collect()
+        let mut expired = Vec::new();
+        for (id, slot) in self.rows.iter_mut().enumerate() {
+            let gone = slot.as_ref().is_some_and(|row| {
+                !alive(&row.key) && now_unix_ns.saturating_sub(row.stats.last_seen_ns) >= grace_ns
+            });
+            if gone && let Some(row) = slot.take() {
+                let id = id as u32;
+                self.by_key.remove(&row.key);
+                self.free.push(id);
+                for kept in self.recent.iter_mut().chain(&mut self.spare_seconds) {
+                    kept.rows.remove(&id);
+                }
+                expired.push((row.key, row.stats));
+            }
+        }
+        if !expired.is_empty() {
+            // Slots may point at freed ids, which new rows will reuse.
+            self.slots.clear();
+        }
+        expired
     }
 }
 
-/// Events of one batch that land in the same row: everything a row key is made of (see
-/// `Attributor::row_key`), the process by identity.
-#[derive(PartialEq, Eq, Hash)]
-struct BatchGroup<'a> {
-    process: usize,
-    peer: RowPeer,
-    role: Role,
-    command: &'a str,
-    second: u64,
+/// What an event adds to `calls`, `failed_calls` and `rejected_calls`, as Redis counts.
+fn calls_of(event: &CommandEvent) -> (u64, u64, u64) {
+    match event.outcome {
+        Outcome::Ok | Outcome::Unknown => (1, 0, 0),
+        Outcome::Failed => (1, 1, 0),
+        Outcome::Rejected if event.counted => (0, 0, 1),
+        Outcome::Rejected | Outcome::Discarded => (0, 0, 0),
+    }
+}
+
+/// The latency an event adds to `usec` and the histogram, if it counts there.
+fn counted_latency(event: &CommandEvent) -> Option<u64> {
+    (event.counted && event.outcome != Outcome::Rejected).then_some(event.latency_ns)
 }
 
 /// The command's row name: unknown commands and subcommands have no commandstats row in Redis,
 /// so they fold into one row here (their errors still count, like `INFO errorstats`).
-fn stats_command(event: &CommandEvent) -> &str {
+/// `None`: a name the command table does not have, which only the event holds.
+fn stats_command(event: &CommandEvent) -> Option<&'static str> {
     if !event.counted && event.outcome != Outcome::Discarded {
-        UNKNOWN_COMMAND
-    } else {
-        &event.command
+        return Some(UNKNOWN_COMMAND);
+    }
+    match event.command {
+        Cow::Borrowed(name) => Some(name),
+        Cow::Owned(_) => None,
     }
 }
 
@@ -487,7 +687,7 @@ mod tests {
             event(&b, "nosuch", 101, 6_000),
         ];
         let mut aggregator = Aggregator::new();
-        aggregator.record_batch(&events, key_of);
+        aggregator.record_batch(&events, 0, key_of);
         let rows = aggregator.query(|_| true, &[GroupBy::Process, GroupBy::Command], None);
         assert_eq!(calls(&rows, 10, "get"), 3);
         assert_eq!(calls(&rows, 10, "set"), 1);
@@ -509,20 +709,20 @@ mod tests {
     fn error_prefixes_past_the_cap_count_under_one_overflow_prefix() {
         let a = conn(1, 10);
         let failing = |prefix: String| {
-            let mut failed = (*event(&a, "eval", 100, 1)).clone();
+            let mut failed = event(&a, "eval", 100, 1);
             failed.outcome = Outcome::Failed;
             failed.error = Some(crate::event::EventError {
-                prefix,
+                prefix: prefix.into(),
                 template: None,
             });
-            Arc::new(failed)
+            failed
         };
         let events: Vec<_> = (0..MAX_ERROR_PREFIXES + 10)
             .map(|i| failing(format!("E{i}")))
             .chain([failing("E0".into()), failing("E999".into())])
             .collect();
         let mut aggregator = Aggregator::new();
-        aggregator.record_batch(&events, key_of);
+        aggregator.record_batch(&events, 0, key_of);
         let rows = aggregator.query(|_| true, &[GroupBy::Command], None);
         let errors = &rows[0].1.errors;
         assert_eq!(errors.len(), MAX_ERROR_PREFIXES + 1);
@@ -539,10 +739,14 @@ mod tests {
     fn late_events_land_in_their_own_second() {
         let a = conn(1, 10);
         let mut aggregator = Aggregator::new();
-        aggregator.record_batch(&[event(&a, "get", 100, 1)], key_of);
-        aggregator.record_batch(&[event(&a, "get", 103, 1)], key_of);
+        aggregator.record_batch(&[event(&a, "get", 100, 1)], 0, key_of);
+        aggregator.record_batch(&[event(&a, "get", 103, 1)], 0, key_of);
         // A batch that ran behind: seconds 101 and 99 are older than the newest kept.
-        aggregator.record_batch(&[event(&a, "get", 101, 1), event(&a, "get", 99, 1)], key_of);
+        aggregator.record_batch(
+            &[event(&a, "get", 101, 1), event(&a, "get", 99, 1)],
+            0,
+            key_of,
+        );
         let window = |now, seconds| {
             calls(
                 &aggregator.query(|_| true, &[GroupBy::Command], Some((now, seconds))),
@@ -554,11 +758,7 @@ mod tests {
         assert_eq!(window(103, 3), 2, "seconds 101..=103");
         assert_eq!(window(103, 4), 3, "seconds 100..=103");
         assert_eq!(window(103, 5), 4, "seconds 99..=103");
-        let seconds: Vec<u64> = aggregator
-            .recent
-            .iter()
-            .map(|(second, _)| *second)
-            .collect();
+        let seconds: Vec<u64> = aggregator.recent.iter().map(|kept| kept.second).collect();
         assert_eq!(seconds, [99, 100, 101, 103]);
     }
 
@@ -572,7 +772,7 @@ mod tests {
             .iter()
             .map(|process| event(process, "get", 100, 1))
             .collect();
-        aggregator.record_batch(&fill, key_of);
+        aggregator.record_batch(&fill, 0, key_of);
         assert_eq!(aggregator.rows(), MAX_ROWS);
         // Two new processes past the limit, and one already known.
         let late = [
@@ -580,7 +780,7 @@ mod tests {
             event(&processes[MAX_ROWS + 1], "get", 101, 1),
             event(&processes[7], "get", 101, 1),
         ];
-        aggregator.record_batch(&late, key_of);
+        aggregator.record_batch(&late, 0, key_of);
         assert_eq!(aggregator.rows(), MAX_ROWS + 1, "one overflow row");
         for window in [None, Some((101, 1))] {
             let rows = aggregator.query(|_| true, &[GroupBy::Process, GroupBy::Command], window);

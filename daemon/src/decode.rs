@@ -51,6 +51,7 @@ impl DecodeStage {
             correlators: HashMap::new(),
             not_resp: Vec::new(),
             sink: Sink {
+                detail: true,
                 keys,
                 realtime_offset_ns,
                 outputs: Vec::new(),
@@ -60,6 +61,12 @@ impl DecodeStage {
                     .map(std::ffi::OsString::into_encoded_bytes),
             },
         }
+    }
+
+    /// Whether events get what only a watcher reads (key text): off, a command costs no heap
+    /// allocation between the ring and the stats.
+    pub fn set_detail(&mut self, detail: bool) {
+        self.sink.detail = detail;
     }
 
     pub fn counters(&self) -> &DecodeCounters {
@@ -72,7 +79,7 @@ impl DecodeStage {
         out.append(&mut self.not_resp);
     }
 
-    pub fn accept(&mut self, event: &StreamEvent, out: &mut Vec<Arc<CommandEvent>>) {
+    pub fn accept(&mut self, event: &StreamEvent, out: &mut Vec<CommandEvent>) {
         match event {
             StreamEvent::Data(chunk) => {
                 let decoding = self.correlators.entry(chunk.conn.id).or_insert_with(|| {
@@ -155,6 +162,8 @@ struct Decoding {
 
 /// Where a connection's correlator outputs go: events, or counters for what is not one.
 struct Sink {
+    /// See [`DecodeStage::set_detail`].
+    detail: bool,
     keys: KeyPrivacy,
     /// Added to monotonic kernel timestamps to get wall-clock time.
     realtime_offset_ns: i128,
@@ -167,9 +176,8 @@ struct Sink {
 }
 
 impl Sink {
-    /// Events are shared from here on (aggregator, history, subscribers): built in their `Arc`
-    /// at once, they are not moved again. Returns the exchanges and desyncs emitted.
-    fn emit(&mut self, meta: &Arc<ConnMeta>, out: &mut Vec<Arc<CommandEvent>>) -> (u64, u32) {
+    /// Returns the exchanges and desyncs emitted.
+    fn emit(&mut self, meta: &Arc<ConnMeta>, out: &mut Vec<CommandEvent>) -> (u64, u32) {
         let (mut exchanges, mut desyncs) = (0, 0);
         for output in self.outputs.drain(..) {
             match output {
@@ -183,12 +191,15 @@ impl Sink {
                     exchanges += 1;
                     let time = exchange.reply_ts_ns as i128 + self.realtime_offset_ns;
                     let counted = exchange.counted;
-                    out.push(Arc::new(CommandEvent {
+                    out.push(CommandEvent {
                         time_unix_ns: time.max(0) as u64,
                         role: exchange.role,
                         conn: Arc::clone(meta),
                         command: exchange.command,
-                        key: exchange.first_key.and_then(|key| self.keys.apply(&key)),
+                        key: exchange
+                            .first_key
+                            .filter(|_| self.detail)
+                            .and_then(|key| self.keys.apply(&key)),
                         argc: exchange.argc,
                         request_bytes: exchange.request_bytes,
                         reply_bytes: exchange.reply_bytes,
@@ -202,7 +213,7 @@ impl Sink {
                         latency_ns: exchange.reply_ts_ns.saturating_sub(exchange.request_ts_ns),
                         pipeline_depth: exchange.pipeline_depth,
                         in_transaction: exchange.in_transaction,
-                    }));
+                    });
                 }
                 Output::Push(_) => self.counters.pushes += 1,
                 Output::Replication { command, bytes, .. } => {

@@ -264,6 +264,11 @@ impl Attributor {
         self.pods.as_ref()
     }
 
+    /// Changes whenever processes may resolve to other pods or names than before.
+    pub fn generation(&self) -> u64 {
+        self.pods.as_ref().map_or(0, |pods| pods.generation())
+    }
+
     /// `GetStatus.kubernetes_sync`: `disabled` without Kubernetes, else the watcher's state.
     pub fn sync_state(&self) -> String {
         self.pods

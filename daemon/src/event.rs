@@ -19,7 +19,8 @@ pub struct CommandEvent {
     /// Redis' stats name: `get`, `client|setname`; `unknown` for commands Redis does not know.
     /// Borrowed from the command table when it knows the name.
     pub command: Cow<'static, str>,
-    /// The first key after the [`KeyPolicy`]; values are never kept.
+    /// The first key after the [`KeyPolicy`]; values are never kept. Only made when someone
+    /// watches events (see `DecodeStage::set_detail`): the stats do not need it.
     pub key: Option<String>,
     pub argc: u32,
     pub request_bytes: u64,
@@ -50,8 +51,8 @@ impl CommandEvent {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EventError {
     /// `INFO errorstats` name: `ERR`, `WRONGTYPE`, `OOM`... ([`UNKNOWN_ERROR_PREFIX`] for one
-    /// Redis does not use, unless keys are shown in full).
-    pub prefix: String,
+    /// Redis does not use, unless keys are shown in full). Borrowed from Redis' own table.
+    pub prefix: Cow<'static, str>,
     /// Which of Redis' fixed messages it is; anything else shows its prefix only.
     pub template: Option<ErrorTemplate>,
 }
@@ -61,7 +62,7 @@ impl EventError {
     pub fn message(&self) -> String {
         match self.template {
             Some(template) => template.to_string(),
-            None => self.prefix.clone(),
+            None => self.prefix.to_string(),
         }
     }
 }
@@ -72,11 +73,11 @@ pub const UNKNOWN_ERROR_PREFIX: &str = "unknown";
 
 /// The prefix as it may be shown under a key policy: a made-up one only when keys are shown in
 /// full (the operator then sees every key name anyway).
-pub fn shown_prefix(prefix: String, keys: KeyPolicy) -> String {
+pub fn shown_prefix(prefix: Cow<'static, str>, keys: KeyPolicy) -> Cow<'static, str> {
     if keys == KeyPolicy::Full || is_redis_prefix(&prefix) {
         prefix
     } else {
-        UNKNOWN_ERROR_PREFIX.to_owned()
+        Cow::Borrowed(UNKNOWN_ERROR_PREFIX)
     }
 }
 

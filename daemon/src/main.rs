@@ -65,6 +65,11 @@ struct Args {
     /// This node's name in API responses (the Kubernetes node name in a DaemonSet).
     #[arg(long, env = "NODE_NAME", default_value_t = respwatchd::serve::hostname())]
     node_name: String,
+    /// Recent events kept in memory for `Watch` requests that ask for them (`redisctl watch
+    /// --last N`). 0 (the default) keeps none: events are then only built while someone
+    /// watches, and a command costs the stats alone.
+    #[arg(long, env = "RESPWATCH_RECENT_EVENTS", default_value_t = 0)]
+    recent_events: usize,
     /// Matching events buffered per Watch subscriber before it gets loss notices instead.
     #[arg(long, env = "RESPWATCH_WATCH_QUEUE", default_value_t = 4096)]
     watch_queue: usize,
@@ -248,7 +253,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let config = PipelineConfig {
         keys,
         subscriber_queue: 65_536,
-        ..PipelineConfig::default()
+        history: args.recent_events,
     };
     let pipeline = Pipeline::new(capture, config, Attributor::new(pods.clone(), namespaces));
     let tls = match (args.tls_cert, args.tls_key) {

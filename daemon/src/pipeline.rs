@@ -65,7 +65,8 @@ pub struct PipelineCounters {
 #[derive(Clone, Debug)]
 pub struct PipelineConfig {
     pub keys: KeyPrivacy,
-    /// Events kept for `Watch` requests that ask for recent history.
+    /// Events kept for `Watch` requests that ask for recent ones (`--recent-events`). Off by
+    /// default: keeping them means building every event, watched or not.
     pub history: usize,
     /// Capacity of each subscriber's queue before it gets a loss notice instead.
     pub subscriber_queue: usize,
@@ -75,7 +76,7 @@ impl Default for PipelineConfig {
     fn default() -> Self {
         Self {
             keys: KeyPrivacy::default(),
-            history: 10_000,
+            history: 0,
             subscriber_queue: 16_384,
         }
     }
@@ -108,9 +109,21 @@ impl Shared {
         self.attributor.row_key(event)
     }
 
-    /// Hands a batch of events to the aggregator, the history and the subscribers.
+    /// Whether anything reads events beyond the stats: a Watch subscriber or the recent-events
+    /// history. When nothing does, events carry no key text and are never shared.
+    pub fn events_wanted(&self) -> bool {
+        self.config.history > 0 || self.events.receiver_count() > 0
+    }
+
+    /// Hands a batch of events to the aggregator, then, when they were built for watchers
+    /// (`detailed`), to the history and the subscribers. Empties `events`, keeping its room.
     /// `out_of_scope` gets the cgroups of events that can never be in `--namespaces`' scope.
-    pub fn publish(&self, events: &mut Vec<Arc<CommandEvent>>, out_of_scope: &mut Vec<u64>) {
+    pub fn publish(
+        &self,
+        events: &mut Vec<CommandEvent>,
+        detailed: bool,
+        out_of_scope: &mut Vec<u64>,
+    ) {
         // `--namespaces`: out-of-scope events go no further; their cgroups are then skipped in
         // the kernel too, so their sockets cost one storage lookup per packet from then on.
         events.retain(|event| {
@@ -127,17 +140,23 @@ impl Shared {
             .events
             .fetch_add(events.len() as u64, Ordering::Relaxed);
         if let Ok(mut aggregator) = self.aggregator.lock() {
-            aggregator.record_batch(events, |event| self.row_key(event));
+            aggregator.record_batch(events, self.attributor.generation(), |event| {
+                self.row_key(event)
+            });
         }
-        if let Ok(mut history) = self.history.lock() {
-            for event in events.iter() {
+        if !detailed {
+            events.clear();
+            return;
+        }
+        let mut history = self.history.lock().ok().filter(|_| self.config.history > 0);
+        for event in events.drain(..) {
+            let event = Arc::new(event);
+            if let Some(history) = history.as_mut() {
                 if history.len() == self.config.history {
                     history.pop_front();
                 }
-                history.push_back(Arc::clone(event));
+                history.push_back(Arc::clone(&event));
             }
-        }
-        for event in events.drain(..) {
             // No subscribers is fine; slow ones see `Lagged(n)` and report the loss.
             let _ = self.events.send(event);
         }
@@ -146,9 +165,65 @@ impl Shared {
 
 pub struct Pipeline {
     capture: Capture,
-    streams: Streams,
-    decode: DecodeStage,
+    stages: Stages,
     shared: Arc<Shared>,
+}
+
+/// The user-space stages a batch of ring records goes through, with the buffers they hand on
+/// (kept across batches): streams → decode/correlate → publish. `Pipeline::run` drives them
+/// from the rings; the pipeline bench and the allocation test from recorded records.
+pub struct Stages {
+    pub streams: Streams,
+    pub decode: DecodeStage,
+    stream_events: Vec<StreamEvent<'static>>,
+    command_events: Vec<CommandEvent>,
+    out_of_scope: Vec<u64>,
+}
+
+impl Stages {
+    pub fn new(streams: Streams, decode: DecodeStage) -> Self {
+        Self {
+            streams,
+            decode,
+            stream_events: Vec::with_capacity(4096),
+            command_events: Vec::with_capacity(1024),
+            out_of_scope: Vec::new(),
+        }
+    }
+
+    /// One batch of records, oldest first; events are built for watchers only when `shared`
+    /// has any. `observe` sees every stream event first. Returns the batch's stream counts.
+    pub fn accept_batch<'r>(
+        &mut self,
+        records: impl IntoIterator<Item = Record<'r>>,
+        shared: &Shared,
+        observe: &mut impl FnMut(&StreamEvent<'_>),
+    ) -> StreamTally {
+        let mut events = recycle_events(std::mem::take(&mut self.stream_events));
+        self.streams.accept_batch(records, &mut events);
+        let tally = self.accept_events(&mut events, shared, observe);
+        self.stream_events = recycle_events(events);
+        tally
+    }
+
+    /// Stream events (of records, or of sweeps and late closes) through decoding to `shared`.
+    fn accept_events(
+        &mut self,
+        events: &mut Vec<StreamEvent<'_>>,
+        shared: &Shared,
+        observe: &mut impl FnMut(&StreamEvent<'_>),
+    ) -> StreamTally {
+        let detailed = shared.events_wanted();
+        self.decode.set_detail(detailed);
+        let mut tally = StreamTally::default();
+        for event in events.drain(..) {
+            tally.count(&event);
+            observe(&event);
+            self.decode.accept(&event, &mut self.command_events);
+        }
+        shared.publish(&mut self.command_events, detailed, &mut self.out_of_scope);
+        tally
+    }
 }
 
 impl Pipeline {
@@ -156,8 +231,10 @@ impl Pipeline {
         let cgroup_root = capture.cgroup_root().to_path_buf();
         Self {
             capture,
-            streams: Streams::new(cgroup_root),
-            decode: DecodeStage::new(config.keys.clone(), realtime_offset_ns()),
+            stages: Stages::new(
+                Streams::new(cgroup_root),
+                DecodeStage::new(config.keys.clone(), realtime_offset_ns()),
+            ),
             shared: Arc::new(Shared::new(config, attributor)),
         }
     }
@@ -177,15 +254,13 @@ impl Pipeline {
         mut shutdown: watch::Receiver<bool>,
         mut observe: impl FnMut(&StreamEvent<'_>),
     ) -> Result<(), CaptureError> {
-        // Batch buffers borrow each batch's ring memory: emptied and handed on to the next batch
-        // on the same allocations.
+        // The record buffer borrows each batch's ring memory: emptied and handed on to the next
+        // batch on the same allocation.
         let mut records: Vec<Record<'static>> = Vec::with_capacity(4096);
-        let mut stream_events: Vec<StreamEvent<'static>> = Vec::with_capacity(4096);
+        let mut swept_events: Vec<StreamEvent<'static>> = Vec::new();
         let mut starts = Vec::with_capacity(4096);
         let mut malformed = Vec::new();
         let mut late_closes = Vec::new();
-        let mut command_events = Vec::with_capacity(1024);
-        let mut out_of_scope = Vec::new();
         let mut not_resp = Vec::new();
         let mut sweep = tokio::time::interval(SWEEP_INTERVAL);
         loop {
@@ -201,53 +276,46 @@ impl Pipeline {
             }
             let shared = Arc::clone(&self.shared);
             let counters = &shared.counters;
-            let mut tally = StreamTally::default();
             if swept {
                 self.capture.check_attached()?;
                 self.capture.take_late_closes(&mut late_closes);
-                self.streams
-                    .accept_closes(late_closes.drain(..), &mut stream_events);
-                self.streams.sweep(&mut stream_events);
-                for event in stream_events.drain(..) {
-                    tally.count(&event);
-                    observe(&event);
-                    self.decode.accept(&event, &mut command_events);
-                }
+                self.stages
+                    .streams
+                    .accept_closes(late_closes.drain(..), &mut swept_events);
+                self.stages.streams.sweep(&mut swept_events);
+                self.stages
+                    .accept_events(&mut swept_events, &shared, &mut observe)
+                    .add_to(counters);
                 self.refresh_kernel_counters();
             }
             {
                 let mut batch_records = recycle_records(std::mem::take(&mut records));
-                let mut events = recycle_events(std::mem::take(&mut stream_events));
                 let batch =
                     self.capture
                         .read_batch(&mut batch_records, &mut starts, &mut malformed);
                 counters
                     .records
                     .fetch_add(batch_records.len() as u64, Ordering::Relaxed);
-                self.streams
-                    .accept_batch(batch_records.drain(..), &mut events);
-                for event in events.drain(..) {
-                    tally.count(&event);
-                    observe(&event);
-                    self.decode.accept(&event, &mut command_events);
-                }
+                self.stages
+                    .accept_batch(batch_records.drain(..), &shared, &mut observe)
+                    .add_to(counters);
                 // Done with every record: their ring space goes back to the kernel.
                 drop(batch);
                 records = recycle_records(batch_records);
-                stream_events = recycle_events(events);
             }
             for error in malformed.drain(..) {
                 counters.malformed_records.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(%error, "dropped a ring buffer record");
             }
-            tally.add_to(counters);
             self.untrack_not_resp(&mut not_resp);
-            shared.publish(&mut command_events, &mut out_of_scope);
+            let mut out_of_scope = std::mem::take(&mut self.stages.out_of_scope);
             self.exclude_in_kernel(&mut out_of_scope);
+            self.stages.out_of_scope = out_of_scope;
+            let streams = &self.stages.streams;
             counters
                 .tracked_connections
-                .store(self.streams.tracked() as u64, Ordering::Relaxed);
-            let stream_stats = self.streams.stats();
+                .store(streams.tracked() as u64, Ordering::Relaxed);
+            let stream_stats = streams.stats();
             counters
                 .lost_bytes
                 .store(stream_stats.lost_bytes, Ordering::Relaxed);
@@ -256,20 +324,20 @@ impl Pipeline {
                 .store(stream_stats.duplicate_bytes, Ordering::Relaxed);
             counters
                 .held_bytes
-                .store(self.streams.held_bytes(), Ordering::Relaxed);
+                .store(streams.held_bytes(), Ordering::Relaxed);
             counters
                 .late_records
                 .store(self.capture.late_records(), Ordering::Relaxed);
-            store_decode_counters(counters, self.decode.counters(), &stream_stats);
+            store_decode_counters(counters, self.stages.decode.counters(), &stream_stats);
         }
     }
 
     /// Connections joined mid-stream that the decoder found not to be RESP: forgotten here, and
     /// no longer sent by the kernel.
     fn untrack_not_resp(&mut self, ids: &mut Vec<ConnId>) {
-        self.decode.take_not_resp(ids);
+        self.stages.decode.take_not_resp(ids);
         for id in ids.drain(..) {
-            self.streams.forget(id);
+            self.stages.streams.forget(id);
             if let Err(error) = self.capture.untrack(id.0) {
                 tracing::warn!(%error, cookie = id.0, "untracking a connection that is not RESP");
             }
@@ -312,7 +380,7 @@ impl Pipeline {
 
 /// A batch's stream counts, added to the shared atomics once per batch rather than per chunk.
 #[derive(Default)]
-struct StreamTally {
+pub struct StreamTally {
     chunks: u64,
     bytes: u64,
 }
@@ -325,7 +393,7 @@ impl StreamTally {
         }
     }
 
-    fn add_to(&self, counters: &PipelineCounters) {
+    pub fn add_to(&self, counters: &PipelineCounters) {
         counters.chunks.fetch_add(self.chunks, Ordering::Relaxed);
         counters.bytes.fetch_add(self.bytes, Ordering::Relaxed);
     }

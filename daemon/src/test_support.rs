@@ -1,5 +1,8 @@
 //! Test support shared by the unit tests of several modules: events as the pipeline makes them.
-use std::sync::Arc;
+use std::{
+    borrow::Cow,
+    sync::{Arc, Mutex, PoisonError},
+};
 
 use respwatch_resp::correlate::{Outcome, Role};
 
@@ -27,18 +30,14 @@ pub fn conn(id: u64, pid: u32) -> Arc<ConnMeta> {
     })
 }
 
-/// A `command` of `conn` served at `second` (Unix time), taking `latency_ns`.
-pub fn event(
-    conn: &Arc<ConnMeta>,
-    command: &str,
-    second: u64,
-    latency_ns: u64,
-) -> Arc<CommandEvent> {
-    Arc::new(CommandEvent {
+/// A `command` of `conn` served at `second` (Unix time), taking `latency_ns`. The name is
+/// borrowed as the command table's are.
+pub fn event(conn: &Arc<ConnMeta>, command: &str, second: u64, latency_ns: u64) -> CommandEvent {
+    CommandEvent {
         time_unix_ns: second * 1_000_000_000 + 5,
         role: Role::Server,
         conn: Arc::clone(conn),
-        command: command.to_owned().into(),
+        command: Cow::Borrowed(static_name(command)),
         key: None,
         argc: 2,
         request_bytes: 10,
@@ -50,5 +49,19 @@ pub fn event(
         latency_ns,
         pipeline_depth: 1,
         in_transaction: false,
-    })
+    }
+}
+
+/// `name` with a static lifetime, one copy per name however often asked for.
+fn static_name(name: &str) -> &'static str {
+    static NAMES: Mutex<Vec<&'static str>> = Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap_or_else(PoisonError::into_inner);
+    match names.iter().find(|known| **known == name) {
+        Some(known) => known,
+        None => {
+            let leaked: &'static str = Box::leak(name.to_owned().into_boxed_str());
+            names.push(leaked);
+            leaked
+        }
+    }
 }

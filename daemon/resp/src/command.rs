@@ -8,7 +8,7 @@
 //! (any error reply emitted while the command runs: `calls` and `failed_calls` += 1) and
 //! `afterErrorReply` (the errorstats prefix). They were checked against redis-server 7.0.15.
 
-use std::borrow::Cow;
+use std::{borrow::Cow, cell::RefCell, collections::HashSet};
 
 /// Container commands of Redis 7.0: their stats rows are `parent|subcommand`.
 pub const CONTAINERS: [&str; 15] = [
@@ -269,9 +269,9 @@ pub fn identify(args: &[&[u8]], argc: u64) -> Identified {
         len += lower_into(&mut buf[len..], sub);
     }
     let name = &buf[..len];
-    let unlisted = |text: String| Identified {
-        spec: unlisted_spec(&text),
-        name: Cow::Owned(text),
+    let unlisted = |text: &str| Identified {
+        spec: unlisted_spec(text),
+        name: unlisted_name(text),
     };
     match std::str::from_utf8(name) {
         Ok(text) => match known_command(text) {
@@ -279,10 +279,39 @@ pub fn identify(args: &[&[u8]], argc: u64) -> Identified {
                 name: Cow::Borrowed(known),
                 spec: Some(spec),
             },
-            None => unlisted(text.to_owned()),
+            None => unlisted(text),
         },
-        Err(_) => unlisted(String::from_utf8_lossy(name).into_owned()),
+        Err(_) => unlisted(&String::from_utf8_lossy(name)),
     }
+}
+
+/// Names not in the command table kept per thread, each copied once.
+const MAX_UNLISTED_NAMES: usize = 1024;
+
+thread_local! {
+    static UNLISTED_NAMES: RefCell<HashSet<&'static str>> = RefCell::new(HashSet::new());
+}
+
+/// A name the command table does not have (a newer server's command, a module's, a typo):
+/// copied once and borrowed from then on, so traffic that repeats it allocates nothing. Past
+/// [`MAX_UNLISTED_NAMES`] different ones (bounded memory, whatever clients send), each use is a
+/// copy of its own.
+fn unlisted_name(text: &str) -> Cow<'static, str> {
+    UNLISTED_NAMES
+        .try_with(|names| {
+            let mut names = names.borrow_mut();
+            if let Some(known) = names.get(text) {
+                return Some(Cow::Borrowed(*known));
+            }
+            (names.len() < MAX_UNLISTED_NAMES).then(|| {
+                let kept: &'static str = Box::leak(text.to_owned().into_boxed_str());
+                names.insert(kept);
+                Cow::Borrowed(kept)
+            })
+        })
+        .ok()
+        .flatten()
+        .unwrap_or_else(|| Cow::Owned(text.to_owned()))
 }
 
 /// Where the first key of a command with `spec` is among its kept argument prefixes, when it
@@ -320,11 +349,20 @@ pub fn arity_violated(arity: i32, argc: u64) -> bool {
 /// The `INFO errorstats` name of an error reply, as Redis' `afterErrorReply` derives it: the
 /// first word when a space occurs within the first 32 bytes of `-<text>`, `ERR` otherwise.
 /// `text` excludes the leading `-`.
-pub fn error_prefix(text: &[u8]) -> String {
+///
+/// Prefixes Redis itself uses come back borrowed (this runs for every error reply); only
+/// made-up ones (a script's `error_reply`) are copied.
+pub fn error_prefix(text: &[u8]) -> Cow<'static, str> {
     let window = &text[..text.len().min(31)];
     match window.iter().position(|&b| b == b' ') {
-        Some(0) | None => "ERR".to_owned(),
-        Some(p) => String::from_utf8_lossy(&text[..p]).into_owned(),
+        Some(0) | None => Cow::Borrowed("ERR"),
+        Some(p) => {
+            let prefix = String::from_utf8_lossy(&text[..p]);
+            match crate::error_text::redis_prefix(&prefix) {
+                Some(known) => Cow::Borrowed(known),
+                None => Cow::Owned(prefix.into_owned()),
+            }
+        }
     }
 }
 
@@ -387,7 +425,7 @@ pub fn classify_error(name: &str, argc: u64, text: &[u8]) -> ErrorClass {
         return ErrorClass::Rejected;
     }
     let prefix = error_prefix(text);
-    if REJECTION_PREFIXES.contains(&prefix.as_str()) {
+    if REJECTION_PREFIXES.contains(&&*prefix) {
         return ErrorClass::Rejected;
     }
     ErrorClass::Failed

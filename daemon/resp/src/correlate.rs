@@ -25,6 +25,8 @@ use crate::error_text::ErrorTemplate;
 
 /// Outstanding requests kept per connection; more are reported and the queue reset.
 pub const MAX_OUTSTANDING: usize = 64 * 1024;
+/// Room for queued commands a finished transaction's queue may keep for the next one.
+const MAX_SPARE_QUEUED: usize = 64;
 /// Frames held while the role of the connection is not yet known.
 pub const MAX_UNDECIDED: usize = 64;
 
@@ -89,8 +91,8 @@ pub enum ReplyKind {
 /// An error reply.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ErrorReply {
-    /// `INFO errorstats` name (`WRONGTYPE`, `ERR`...).
-    pub prefix: String,
+    /// `INFO errorstats` name (`WRONGTYPE`, `ERR`...); borrowed when Redis itself uses it.
+    pub prefix: Cow<'static, str>,
     /// Which of Redis' fixed messages the text is; the text itself is not kept, since Redis
     /// echoes its callers' bytes (arguments, script text) in errors.
     pub template: Option<ErrorTemplate>,
@@ -156,7 +158,7 @@ pub struct Push {
     /// What was pushed.
     pub kind: PushKind,
     /// Channel (messages), bounded.
-    pub channel: Option<Vec<u8>>,
+    pub channel: Option<Text>,
     /// Bytes on the wire.
     pub bytes: u64,
     /// When it was written (server) or read (client).
@@ -301,7 +303,7 @@ struct Request {
     first_key: Option<Text>,
     argc: u32,
     /// `HELLO`'s protocol version argument: RESP3 starts once the reply is not an error.
-    hello_protover: Option<Vec<u8>>,
+    hello_protover: Option<Text>,
     request_bytes: u64,
     request_ts: u64,
     pipeline_depth: u32,
@@ -321,6 +323,8 @@ pub struct Correlator {
     queue: VecDeque<Request>,
     /// Commands queued since MULTI was acknowledged; `None` outside a transaction.
     multi: Option<Vec<Request>>,
+    /// The last transaction's emptied queue, reused by the next MULTI.
+    spare_multi: Vec<Request>,
     reply_mode: ReplyMode,
     resp3: bool,
     subscribed: bool,
@@ -352,12 +356,13 @@ fn error_of(text: &[u8]) -> ErrorReply {
 
 /// RESP2 pub/sub message arrays: `message` (3 elements), `pmessage` (4), `smessage` (3).
 fn message_kind(frame: &Frame) -> Option<PushKind> {
-    let first = frame.items.first()?.text.as_deref()?.to_ascii_lowercase();
-    match (first.as_slice(), frame.len) {
-        (b"message", 3) => Some(PushKind::Message),
-        (b"pmessage", 4) => Some(PushKind::PMessage),
-        (b"smessage", 3) => Some(PushKind::SMessage),
-        (b"invalidate", 2) if frame.kind == Kind::Push => Some(PushKind::Invalidate),
+    let first = frame.items.first()?.text.as_deref()?;
+    let is = |name: &[u8]| first.eq_ignore_ascii_case(name);
+    match frame.len {
+        3 if is(b"message") => Some(PushKind::Message),
+        4 if is(b"pmessage") => Some(PushKind::PMessage),
+        3 if is(b"smessage") => Some(PushKind::SMessage),
+        2 if is(b"invalidate") && frame.kind == Kind::Push => Some(PushKind::Invalidate),
         _ => None,
     }
 }
@@ -386,6 +391,7 @@ impl Correlator {
             undecided: VecDeque::new(),
             queue: VecDeque::new(),
             multi: None,
+            spare_multi: Vec::new(),
             reply_mode: ReplyMode::On,
             resp3: false,
             subscribed: false,
@@ -531,7 +537,7 @@ impl Correlator {
         self.unsynced = true;
     }
 
-    fn on_frame(&mut self, dir: Direction, ts: u64, frame: Frame, out: &mut Vec<Output>) {
+    fn on_frame(&mut self, dir: Direction, ts: u64, mut frame: Frame, out: &mut Vec<Output>) {
         let role = match self.role {
             Some(r) => r,
             None => {
@@ -575,13 +581,14 @@ impl Correlator {
             }
         };
         if dir == role.request_dir() {
-            self.on_request(role, ts, frame, out);
+            self.on_request(role, ts, &mut frame, out);
         } else {
-            self.on_reply(role, dir, ts, frame, out);
+            self.on_reply(role, dir, ts, &frame, out);
         }
+        crate::decode::recycle_items(frame.items);
     }
 
-    fn on_request(&mut self, role: Role, ts: u64, mut frame: Frame, out: &mut Vec<Output>) {
+    fn on_request(&mut self, role: Role, ts: u64, frame: &mut Frame, out: &mut Vec<Output>) {
         // Redis ignores empty inline lines and never answers non-command frames with a
         // paired reply (it closes the connection with a protocol error).
         if !frame.is_command() {
@@ -603,7 +610,7 @@ impl Correlator {
         let hello_protover = args
             .get(1)
             .filter(|_| command == "hello")
-            .map(|a| a.to_vec());
+            .map(|a| Text::from_slice(a));
         // The subscribe family has no subcommands: its stats name is its name.
         let mut expect = match &*command {
             "subscribe" | "psubscribe" | "ssubscribe" if argc >= 2 => Expect::Confirm {
@@ -737,8 +744,8 @@ impl Correlator {
 
     fn push(&self, role: Role, kind: PushKind, frame: &Frame, ts: u64, out: &mut Vec<Output>) {
         let channel = match kind {
-            PushKind::Message | PushKind::SMessage => frame.arg(1).map(<[u8]>::to_vec),
-            PushKind::PMessage => frame.arg(2).map(<[u8]>::to_vec),
+            PushKind::Message | PushKind::SMessage => frame.arg(1).map(Text::from_slice),
+            PushKind::PMessage => frame.arg(2).map(Text::from_slice),
             _ => None,
         };
         out.push(Output::Push(Push {
@@ -755,7 +762,7 @@ impl Correlator {
         role: Role,
         dir: Direction,
         ts: u64,
-        frame: Frame,
+        frame: &Frame,
         out: &mut Vec<Output>,
     ) {
         if frame.kind == Kind::Inline {
@@ -768,12 +775,12 @@ impl Correlator {
         }
         self.flush_no_reply(role, out);
         if self.replication {
-            self.replicated(role, ts, &frame, out);
+            self.replicated(role, ts, frame, out);
             return;
         }
         let confirmation = if frame.kind == Kind::Push || (frame.kind == Kind::Array && !self.resp3)
         {
-            confirmation_kind(&frame)
+            confirmation_kind(frame)
         } else {
             None
         };
@@ -816,24 +823,24 @@ impl Correlator {
             return;
         }
         if frame.kind == Kind::Push {
-            let kind = message_kind(&frame).unwrap_or(PushKind::Other);
-            self.push(role, kind, &frame, ts, out);
+            let kind = message_kind(frame).unwrap_or(PushKind::Other);
+            self.push(role, kind, frame, ts, out);
             return;
         }
         if self.monitor
             && frame.kind == Kind::SimpleString
             && frame.text.as_deref().is_some_and(looks_like_monitor)
         {
-            self.push(role, PushKind::Monitor, &frame, ts, out);
+            self.push(role, PushKind::Monitor, frame, ts, out);
             return;
         }
         if frame.kind == Kind::Array && !self.resp3 && (self.subscribed || self.queue.is_empty()) {
-            if let Some(kind) = message_kind(&frame) {
-                self.push(role, kind, &frame, ts, out);
+            if let Some(kind) = message_kind(frame) {
+                self.push(role, kind, frame, ts, out);
                 return;
             }
             if confirmation.is_some() {
-                self.push(role, PushKind::Other, &frame, ts, out);
+                self.push(role, PushKind::Other, frame, ts, out);
                 return;
             }
         }
@@ -855,7 +862,7 @@ impl Correlator {
         }
         self.unsynced = false;
         if let Some(req) = self.queue.pop_front() {
-            self.complete(role, req, ts, &frame, out);
+            self.complete(role, req, ts, frame, out);
         }
     }
 
@@ -897,11 +904,13 @@ impl Correlator {
         }
         let ok = !is_error(frame);
         match name {
-            "multi" if ok && self.multi.is_none() => self.multi = Some(Vec::new()),
+            "multi" if ok && self.multi.is_none() => {
+                self.multi = Some(std::mem::take(&mut self.spare_multi))
+            }
             "exec" => {
-                if let Some(queued) = self.multi.take() {
+                if let Some(mut queued) = self.multi.take() {
                     let ran = frame.kind == Kind::Array && !frame.null;
-                    for (i, q) in queued.into_iter().enumerate() {
+                    for (i, q) in queued.drain(..).enumerate() {
                         let ex = if ran {
                             exec_element(role, q, frame.items.get(i), &req, ts)
                         } else {
@@ -909,17 +918,12 @@ impl Correlator {
                         };
                         out.push(Output::Exchange(ex));
                     }
+                    self.recycle_multi(queued);
                 }
             }
-            "discard" if ok => {
-                for q in self.multi.take().unwrap_or_default() {
-                    out.push(Output::Exchange(discarded(role, q, &req, ts)));
-                }
-            }
+            "discard" if ok => self.discard_multi(role, &req, ts, out),
             "reset" if ok => {
-                for q in self.multi.take().unwrap_or_default() {
-                    out.push(Output::Exchange(discarded(role, q, &req, ts)));
-                }
+                self.discard_multi(role, &req, ts, out);
                 self.subscribed = false;
                 self.monitor = false;
                 self.resp3 = false;
@@ -953,6 +957,25 @@ impl Correlator {
             (frame.wire_len, ts),
             false,
         )));
+    }
+}
+
+impl Correlator {
+    /// DISCARD or RESET: the queued commands never ran.
+    fn discard_multi(&mut self, role: Role, by: &Request, ts: u64, out: &mut Vec<Output>) {
+        if let Some(mut queued) = self.multi.take() {
+            for q in queued.drain(..) {
+                out.push(Output::Exchange(discarded(role, q, by, ts)));
+            }
+            self.recycle_multi(queued);
+        }
+    }
+
+    /// Keeps an emptied transaction queue for the next MULTI, unless it grew large.
+    fn recycle_multi(&mut self, queued: Vec<Request>) {
+        if queued.capacity() <= MAX_SPARE_QUEUED {
+            self.spare_multi = queued;
+        }
     }
 }
 

@@ -14,6 +14,8 @@
 //! is the only place where a new message is likely to start. It never guesses a message start
 //! in the middle of a chunk.
 
+use std::cell::RefCell;
+
 use smallvec::SmallVec;
 use thiserror::Error;
 
@@ -22,17 +24,54 @@ mod whole;
 /// Command arguments / aggregate elements whose text prefix is kept (command name, subcommand,
 /// first key, `CLIENT REPLY OFF`, pub/sub message kinds).
 pub const MAX_KEPT_ELEMENTS: usize = 4;
-/// Bytes kept from each of those elements.
-pub const MAX_ELEMENT_TEXT: usize = 128;
+/// Bytes kept from each of those elements: all of them inline, so no argument costs an
+/// allocation (a longer key is kept, and shown, cut to this).
+pub const MAX_ELEMENT_TEXT: usize = INLINE_TEXT;
 /// Bytes kept from error texts and simple-string replies.
 pub const MAX_TEXT: usize = 256;
-/// Kept texts up to this length live inside their [`Item`] or [`Frame`].
-pub const INLINE_TEXT: usize = 24;
+/// Kept texts up to this length live inside their [`Item`] or [`Frame`]: most keys and
+/// Redis' own error messages (so neither costs an allocation).
+pub const INLINE_TEXT: usize = 80;
 
 /// A kept text prefix. Command names, most keys and status replies fit inline, so decoding
 /// ordinary traffic allocates nothing per element (an allocation per kept argument was the
 /// largest part of the daemon's time in malloc).
 pub type Text = SmallVec<[u8; INLINE_TEXT]>;
+
+/// Items a recycled buffer may hold room for ([`recycle_items`]).
+const MAX_SPARE_ITEMS: usize = 16;
+/// Recycled buffers kept per thread.
+const MAX_SPARE_BUFFERS: usize = 256;
+
+thread_local! {
+    /// Emptied [`Frame::items`] buffers, shared by every decoder of a thread: frames are
+    /// decoded without allocating, and idle connections hold none.
+    static SPARE_ITEMS: RefCell<Vec<Vec<Item>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// An empty item buffer, recycled when one is spare.
+fn spare_items() -> Vec<Item> {
+    SPARE_ITEMS
+        .try_with(|spare| spare.borrow_mut().pop())
+        .ok()
+        .flatten()
+        .unwrap_or_default()
+}
+
+/// Hands a frame's item buffer back once its consumer is done with it, for the next frame
+/// of any decoder on this thread. Buffers that grew large (long EXEC replies) are let go.
+pub fn recycle_items(mut items: Vec<Item>) {
+    if items.capacity() == 0 || items.capacity() > MAX_SPARE_ITEMS {
+        return;
+    }
+    items.clear();
+    let _ = SPARE_ITEMS.try_with(|spare| {
+        let mut spare = spare.borrow_mut();
+        if spare.len() < MAX_SPARE_BUFFERS {
+            spare.push(items);
+        }
+    });
+}
 /// Top-level elements of an aggregate summarised in [`Frame::items`] (EXEC results).
 pub const MAX_ITEMS: usize = 1024;
 /// Longest inline command line, as Redis' `PROTO_INLINE_MAX_SIZE`.
@@ -1181,6 +1220,9 @@ impl Decoder {
                     self.all_bulk = false;
                 }
                 if self.items.len() < MAX_ITEMS {
+                    if self.items.capacity() == 0 {
+                        self.items = spare_items();
+                    }
                     self.items.push(item);
                 }
             }

@@ -42,7 +42,15 @@ impl fmt::Display for ErrorTemplate {
 /// Whether Redis itself replies with this errorstats prefix; a script's `error_reply` can make
 /// up any, including one that is a secret.
 pub fn is_redis_prefix(prefix: &str) -> bool {
-    PREFIXES.binary_search(&prefix).is_ok()
+    redis_prefix(prefix).is_some()
+}
+
+/// The prefix as Redis' own table spells it, when Redis uses it.
+pub fn redis_prefix(prefix: &str) -> Option<&'static str> {
+    PREFIXES
+        .binary_search(&prefix)
+        .ok()
+        .map(|index| PREFIXES[index])
 }
 
 /// Templates grouped by their first two words, so that a text is compared with a handful of

@@ -7,7 +7,10 @@
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::IpAddr,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::{Duration, Instant},
 };
 
@@ -205,6 +208,9 @@ pub struct PodIndex {
     pub peers: super::peers::PeerIndex,
     sync: RwLock<String>,
     grace: Duration,
+    /// Changes whenever what a process resolves to may have changed (a pod added, changed or
+    /// forgotten), so caches of resolved names know when to look again.
+    generation: AtomicU64,
 }
 
 impl PodIndex {
@@ -214,7 +220,13 @@ impl PodIndex {
             peers: super::peers::PeerIndex::default(),
             sync: RwLock::new("syncing".to_owned()),
             grace,
+            generation: AtomicU64::new(0),
         }
+    }
+
+    /// See [`PodIndex::generation`]'s field.
+    pub fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
     }
 
     /// `synced`, `syncing`, `unreachable: <why>`...
@@ -241,9 +253,16 @@ impl PodIndex {
         let Ok(mut inner) = self.inner.write() else {
             return;
         };
+        if let Some(old) = inner.by_uid.get(&pod.uid)
+            && old.deleted_at.is_none()
+            && *old.pod == pod
+        {
+            return;
+        }
         if let Some(old) = inner.by_uid.remove(&pod.uid) {
             inner.unlink(&old.pod);
         }
+        self.generation.fetch_add(1, Ordering::Release);
         inner.link(&pod);
         inner.by_uid.insert(
             pod.uid.clone(),
@@ -304,6 +323,7 @@ impl PodIndex {
         for uid in expired {
             if let Some(entry) = inner.by_uid.remove(&uid) {
                 inner.unlink(&entry.pod);
+                self.generation.fetch_add(1, Ordering::Release);
             }
         }
     }

@@ -26,7 +26,7 @@ pub fn event(key: &RowKey, event: &CommandEvent, attributor: &Attributor) -> v1:
     let (error_prefix, error_message) = event
         .error
         .as_ref()
-        .map(|e| (e.prefix.clone(), e.message()))
+        .map(|e| (e.prefix.to_string(), e.message()))
         .unwrap_or_default();
     v1::CommandEvent {
         time: Some(timestamp(event.time_unix_ns)),

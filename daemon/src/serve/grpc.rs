@@ -57,6 +57,12 @@ impl v1::observer_server::Observer for Observer {
         let (metadata, _, request) = request.into_parts();
         let mut filters = FilterSet::parse(&request.allow, &request.deny)?;
         let authorized = self.state.authorize(&metadata, &mut filters).await?;
+        let kept = self.state.shared.config.history;
+        if request.last > 0 && kept == 0 {
+            return Err(Status::failed_precondition(
+                "this daemon keeps no recent events: start it with --recent-events N to use last",
+            ));
+        }
         // A place is taken here and given back when the subscriber ends.
         let max = self.state.max_subscribers;
         if self

@@ -688,7 +688,7 @@ mod tests {
             .aggregator
             .lock()
             .expect("lock")
-            .record_batch(&events, |e| shared.row_key(e));
+            .record_batch(&events, 0, |e| shared.row_key(e));
         let config = crate::serve::ServeConfig {
             grpc_listen: crate::serve::ListenAddr::Unix("/unused".into()),
             metrics_listen: "127.0.0.1:0".parse().expect("addr"),

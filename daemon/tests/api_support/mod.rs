@@ -59,6 +59,8 @@ pub fn daemon() -> &'static Daemon {
                 .args(["--max-subscribers", &MAX_SUBSCRIBERS.to_string()])
                 // The grpcurl examples list and describe the API through reflection.
                 .arg("--reflection")
+                // `redisctl watch --last` needs recent events kept.
+                .args(["--recent-events", "10000"])
                 .args([
                     "--metrics-labels",
                     "namespace,pod,container,pid,comm,role,command",

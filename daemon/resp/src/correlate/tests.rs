@@ -131,10 +131,7 @@ fn multi_exec_emits_each_queued_command_with_its_outcome() {
     );
     let e = exchanges(&out);
     assert!(e[1].in_transaction && e[3].in_transaction && !e[4].in_transaction);
-    assert_eq!(
-        e[2].error.as_ref().map(|x| x.prefix.as_str()),
-        Some("WRONGTYPE")
-    );
+    assert_eq!(e[2].error.as_ref().map(|x| &*x.prefix), Some("WRONGTYPE"));
     assert_eq!(e[3].reply_ts_ns, 10_000);
 }
 

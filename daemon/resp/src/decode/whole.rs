@@ -7,7 +7,7 @@
 
 use super::{
     Frame, Item, Kind, MAX_AGGREGATE_LEN, MAX_BULK_LEN, MAX_ELEMENT_TEXT, MAX_HEADER_LEN,
-    MAX_ITEMS, MAX_KEPT_ELEMENTS, MAX_TEXT, Text, parse_i64,
+    MAX_ITEMS, MAX_KEPT_ELEMENTS, MAX_TEXT, Text, parse_i64, recycle_items, spare_items,
 };
 
 /// A complete top-level message at the start of `input`, and its length on the wire.
@@ -34,12 +34,27 @@ pub(super) fn whole_message(input: &[u8]) -> Option<(Frame, usize)> {
 
 /// `*<n>\r\n` followed by `n` non-null bulk strings.
 fn command(input: &[u8]) -> Option<(Frame, usize)> {
-    let (count, mut at) = header(input)?;
+    let (count, at) = header(input)?;
     if count < 1 || count as u64 > MAX_AGGREGATE_LEN {
         return None;
     }
-    let count = count as usize;
-    let mut items = Vec::with_capacity(count.min(MAX_ITEMS));
+    let mut items = spare_items();
+    let parsed = elements(input, count as usize, at, &mut items);
+    match parsed {
+        Some(end) => {
+            let mut frame = frame(Kind::Array, count as u64, None, None, items);
+            frame.all_bulk = true;
+            Some((frame, end))
+        }
+        None => {
+            recycle_items(items);
+            None
+        }
+    }
+}
+
+/// `count` non-null bulk strings from `at`, summarised into `items`; where they end.
+fn elements(input: &[u8], count: usize, mut at: usize, items: &mut Vec<Item>) -> Option<usize> {
     for index in 0..count {
         if input.get(at) != Some(&b'$') {
             return None;
@@ -58,9 +73,7 @@ fn command(input: &[u8]) -> Option<(Frame, usize)> {
         }
         at += end;
     }
-    let mut frame = frame(Kind::Array, count as u64, None, None, items);
-    frame.all_bulk = true;
-    Some((frame, at))
+    Some(at)
 }
 
 /// A `+` or `-` line.
