@@ -1257,3 +1257,97 @@ fn ten_bursts_in_a_row_stay_exact_on_the_default_ring() {
         "decoder desyncs"
     );
 }
+
+/// Events reach a subscriber in time order, whichever CPU saw them: the server pinned to one
+/// CPU, redis-benchmark to the other, 50,000 SETs watched on both sides (100,000 events).
+#[test]
+fn watch_delivers_events_of_both_cpus_in_time_order() {
+    let _turn = exclusive();
+    let d = daemon();
+    let server = RedisServer::start(&[]);
+    let pin = |cpu: &str, pid: u32| {
+        let out = Command::new("taskset")
+            .args(["-a", "-p", "-c", cpu, &pid.to_string()])
+            .output()
+            .expect("taskset");
+        assert!(out.status.success(), "taskset: {out:?}");
+    };
+    pin("0", server.pid());
+    const COMMANDS: usize = 50_000;
+    let request = v1::WatchRequest {
+        allow: vec![v1::Filter {
+            key_prefix: "order:".into(),
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let runtime = runtime();
+    let subscribers = |grpc: String| async move {
+        client(&grpc)
+            .await
+            .expect("connect")
+            .get_status(v1::GetStatusRequest {})
+            .await
+            .expect("status")
+            .into_inner()
+            .subscribers
+    };
+    let (times, lost) = runtime.block_on(async {
+        let before = subscribers(d.grpc.clone()).await;
+        let mut stream = client(&d.grpc)
+            .await
+            .expect("connect")
+            .watch(request)
+            .await
+            .expect("watch")
+            .into_inner();
+        let reader = tokio::spawn(async move {
+            let (mut times, mut lost) = (Vec::with_capacity(2 * COMMANDS), 0u64);
+            while times.len() as u64 + lost < 2 * COMMANDS as u64 {
+                match tokio::time::timeout(Duration::from_secs(20), stream.message()).await {
+                    Ok(Ok(Some(message))) => match message.kind {
+                        Some(Kind::Event(event)) => {
+                            let time = event.time.expect("event time");
+                            times.push((time.seconds, time.nanos));
+                        }
+                        Some(Kind::LostEvents(notice)) => lost += notice.count,
+                        _ => {}
+                    },
+                    _ => break,
+                }
+            }
+            (times, lost)
+        });
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while subscribers(d.grpc.clone()).await < before + 1 {
+            assert!(Instant::now() < deadline, "the Watch never started");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let port = server.port.to_string();
+        tokio::task::spawn_blocking(move || {
+            let out = Command::new("taskset")
+                .args(["-c", "1", "redis-benchmark", "-p", &port, "-q", "-c", "1"])
+                .args([
+                    "-n",
+                    &COMMANDS.to_string(),
+                    "SET",
+                    "order:__rand_int__",
+                    "v",
+                ])
+                .output()
+                .expect("redis-benchmark");
+            assert!(out.status.success(), "redis-benchmark: {out:?}");
+        })
+        .await
+        .expect("benchmark");
+        reader.await.expect("reader")
+    });
+    assert!(
+        times.len() >= COMMANDS,
+        "{} events and {lost} lost of {}",
+        times.len(),
+        2 * COMMANDS
+    );
+    let out_of_order = times.windows(2).filter(|w| w[1] < w[0]).count();
+    assert_eq!(out_of_order, 0, "of {} events", times.len());
+}
