@@ -6,11 +6,12 @@ use foldhash::{HashMap, HashMapExt};
 
 use respwatch_common::Direction;
 use respwatch_resp::{
-    correlate::{self, Correlator, Output},
+    correlate::{self, Correlator, Output, Role, UnansweredReason},
     decode::DesyncReason,
 };
 
 use crate::{
+    capture::Opener,
     event::{CommandEvent, EventError, KeyPrivacy, reply_name, shown_prefix},
     streams::{ConnId, ConnMeta, StreamEvent},
 };
@@ -30,7 +31,19 @@ pub struct DecodeCounters {
     /// Commands of replication streams (master to replica), and their bytes with snapshots.
     pub replicated_commands: u64,
     pub replicated_bytes: u64,
+    /// Requests given up unpaired to bound memory: past a connection's limit of outstanding
+    /// (or transaction-queued) requests, and when all connections' together passed
+    /// [`MAX_PENDING`].
+    pub overflowed: u64,
+    pub over_budget: u64,
 }
+
+/// Room for correlator outputs kept between chunks.
+const KEPT_OUTPUTS: usize = 4096;
+
+/// Requests and frames all connections may hold pending at once (a few hundred bytes each):
+/// past it, the connection that grew gives its pending requests up, counted as lost.
+pub const MAX_PENDING: usize = 64 * 1024;
 
 /// Desynchronisations after which a connection joined mid-stream that has not produced one
 /// command is judged not to be RESP: chance bytes of another protocol looked like a message.
@@ -38,6 +51,8 @@ const MID_STREAM_DESYNCS: u32 = 4;
 
 pub struct DecodeStage {
     correlators: HashMap<ConnId, Decoding>,
+    /// What all correlators hold pending ([`Correlator::pending`]), against [`MAX_PENDING`].
+    pending: usize,
     /// Connections judged not to be RESP since the caller last took them.
     not_resp: Vec<ConnId>,
     /// A field of its own so that a connection's `Arc` can be lent from `correlators` while
@@ -49,6 +64,7 @@ impl DecodeStage {
     pub fn new(keys: KeyPrivacy, realtime_offset_ns: i128) -> Self {
         Self {
             correlators: HashMap::new(),
+            pending: 0,
             not_resp: Vec::new(),
             sink: Sink {
                 detail: true,
@@ -83,10 +99,11 @@ impl DecodeStage {
         match event {
             StreamEvent::Data(chunk) => {
                 let decoding = self.correlators.entry(chunk.conn.id).or_insert_with(|| {
-                    let correlator = if chunk.conn.mid_stream {
-                        Correlator::mid_stream()
-                    } else {
-                        Correlator::new()
+                    let correlator = match (chunk.conn.mid_stream, chunk.conn.opener) {
+                        (true, _) => Correlator::mid_stream(),
+                        (false, Some(Opener::Active)) => Correlator::with_role(Role::Client),
+                        (false, Some(Opener::Passive)) => Correlator::with_role(Role::Server),
+                        (false, None) => Correlator::new(),
                     };
                     Decoding {
                         meta: Arc::clone(&chunk.conn),
@@ -96,6 +113,7 @@ impl DecodeStage {
                     }
                 });
                 let correlator = &mut decoding.correlator;
+                let pending_before = correlator.pending();
                 let dir = match chunk.direction {
                     Direction::Ingress => correlate::Direction::Ingress,
                     Direction::Egress => correlate::Direction::Egress,
@@ -120,11 +138,18 @@ impl DecodeStage {
                         &mut self.sink.outputs,
                     );
                 }
+                let pending = correlator.pending();
+                self.pending = self.pending - pending_before + pending;
+                if self.pending > MAX_PENDING && pending > 0 {
+                    correlator.drop_pending(&mut self.sink.outputs);
+                    self.pending -= pending;
+                }
                 let (exchanges, desyncs) = self.sink.emit(&decoding.meta, out);
                 decoding.exchanges += exchanges;
                 if decoding.meta.mid_stream && decoding.exchanges == 0 {
                     decoding.doubtful_desyncs += desyncs;
                     if decoding.doubtful_desyncs >= MID_STREAM_DESYNCS {
+                        self.pending -= decoding.correlator.pending();
                         self.correlators.remove(&chunk.conn.id);
                         self.not_resp.push(chunk.conn.id);
                         self.sink.counters.not_resp += 1;
@@ -138,6 +163,7 @@ impl DecodeStage {
                 ..
             } => {
                 if let Some(mut decoding) = self.correlators.remove(&conn.id) {
+                    self.pending -= decoding.correlator.pending();
                     if *not_resp {
                         // Not Redis after all: what it seemed to say is not reported.
                         self.sink.counters.not_resp += 1;
@@ -230,11 +256,24 @@ impl Sink {
                     self.counters.desyncs += 1;
                     self.counters.desync_bytes += skipped_bytes;
                 }
-                Output::Unanswered(_) => self.counters.unanswered += 1,
+                Output::Unanswered(unanswered) => {
+                    self.counters.unanswered += 1;
+                    if unanswered.reason == UnansweredReason::QueueOverflow {
+                        self.counters.overflowed += 1;
+                    }
+                }
+                Output::Dropped { requests } => {
+                    self.counters.unanswered += requests;
+                    self.counters.over_budget += requests;
+                }
                 Output::UnmatchedReply { .. } | Output::RoleUnknown { .. } => {
                     self.counters.unmatched_replies += 1
                 }
             }
+        }
+        // A burst (a connection's dropped requests, a long pipeline) does not keep its room.
+        if self.outputs.capacity() > KEPT_OUTPUTS {
+            self.outputs = Vec::new();
         }
         (exchanges, desyncs)
     }

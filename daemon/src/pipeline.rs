@@ -22,6 +22,9 @@ use crate::{
     streams::{ConnId, StreamEvent, StreamStats, Streams},
 };
 
+/// Room for a batch's command events kept between batches.
+const KEPT_EVENTS: usize = 4096;
+
 /// How often connections of exited processes are ended and kernel loss counters read.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -55,6 +58,9 @@ pub struct PipelineCounters {
     pub desync_bytes: AtomicU64,
     pub pushes: AtomicU64,
     pub unanswered: AtomicU64,
+    /// See [`DecodeCounters::overflowed`].
+    pub overflowed: AtomicU64,
+    pub over_budget: AtomicU64,
     pub unmatched_replies: AtomicU64,
     pub not_resp: AtomicU64,
     pub replicated_commands: AtomicU64,
@@ -186,7 +192,7 @@ impl Stages {
             streams,
             decode,
             stream_events: Vec::with_capacity(4096),
-            command_events: Vec::with_capacity(1024),
+            command_events: Vec::with_capacity(KEPT_EVENTS),
             out_of_scope: Vec::new(),
         }
     }
@@ -222,6 +228,10 @@ impl Stages {
             self.decode.accept(&event, &mut self.command_events);
         }
         shared.publish(&mut self.command_events, detailed, &mut self.out_of_scope);
+        // A burst's room is not kept for good.
+        if self.command_events.capacity() > KEPT_EVENTS {
+            self.command_events = Vec::with_capacity(KEPT_EVENTS);
+        }
         tally
     }
 }
@@ -412,6 +422,12 @@ fn store_decode_counters(
     counters
         .unanswered
         .store(decode.unanswered, Ordering::Relaxed);
+    counters
+        .overflowed
+        .store(decode.overflowed, Ordering::Relaxed);
+    counters
+        .over_budget
+        .store(decode.over_budget, Ordering::Relaxed);
     counters
         .unmatched_replies
         .store(decode.unmatched_replies, Ordering::Relaxed);

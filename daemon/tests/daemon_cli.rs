@@ -969,3 +969,92 @@ fn metric_counters_never_go_down_when_a_process_row_expires() {
     let _ = daemon.0.wait();
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The daemon's resident anonymous memory (its heap and stacks), in MiB: the rings' mappings,
+/// resident from the start and sized by `--ring-bytes`, are left out.
+fn rss_mib(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
+    let kib: f64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("RssAnon:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .expect("VmRSS");
+    kib / 1024.0
+}
+
+/// What a peer sends cannot grow the daemon: rounds of streams built to make it hold state
+/// (MULTI with 80,000 queued commands and no EXEC on three connections of a real redis-server,
+/// 200,000 requests at a server that never answers, POP3-like text that opens with `+OK`), all
+/// open at once, hit the limits of pending requests every round. The drops are counted as
+/// losses, no queued command is counted as a call (there is no EXEC), and the daemon's heap
+/// stays within 96 MiB of where it was before the first round and reaches no new high in the
+/// last: it plateaus.
+#[test]
+fn memory_stays_bounded_under_hostile_streams() {
+    let _turn = one_daemon_at_a_time();
+    let server = redis::RedisServer::start(&[]);
+    let metrics_port = free_port();
+    let mut command = daemon_at(metrics_port);
+    command.args(["--metrics-labels", "comm,role,command"]);
+    let (daemon, _) = start(command);
+    let daemon = Reaped(daemon);
+    let idle = rss_mib(daemon.0.id());
+    let scrape = || http_get(metrics_port, "/metrics");
+    let lost = |text: &str, reason: &str| {
+        let series =
+            format!(r#"respwatch_lost_total{{source="pending_requests",reason="{reason}"}}"#);
+        sample(text, &series).expect("pending-requests losses")
+    };
+    let (mut dropped, mut rss) = (Vec::new(), Vec::new());
+    for round in 1..=4 {
+        let mut streams = Reaped(
+            Command::new(redis::python())
+                .arg(redis::client_script("hostile_streams.py"))
+                .arg(server.port.to_string())
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("hostile streams"),
+        );
+        let mut held = String::new();
+        BufReader::new(streams.0.stdout.take().expect("stdout"))
+            .read_line(&mut held)
+            .expect("held");
+        assert_eq!(held.trim(), "held", "round {round}");
+        // While every stream is open: what the daemon holds for them is at its largest.
+        let before = dropped.last().copied().unwrap_or(0.0);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while lost(&scrape(), "memory_budget") <= before {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: no request dropped for the memory budget"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_secs(1));
+        rss.push(rss_mib(daemon.0.id()));
+        dropped.push(lost(&scrape(), "memory_budget"));
+        drop(streams.0.stdin.take());
+        let _ = streams.0.wait();
+    }
+    let text = scrape();
+    for role in ["client", "server"] {
+        let sets = format!(
+            r#"respwatch_commands_total{{comm="redis-server",role="{role}",command="set"}}"#
+        );
+        assert_eq!(sample(&text, &sets), None, "queued SETs counted as calls");
+        let sets =
+            format!(r#"respwatch_commands_total{{comm="python",role="{role}",command="set"}}"#);
+        assert_eq!(sample(&text, &sets), None, "queued SETs counted as calls");
+    }
+    assert!(
+        rss.iter().all(|mib| *mib <= idle + 96.0),
+        "heap per round {rss:?} MiB, {idle:.0} MiB before the first"
+    );
+    // The last round reaches no new high beyond the earlier rounds' (allocator noise aside).
+    let earlier = rss[..3].iter().copied().fold(0.0, f64::max);
+    assert!(
+        rss[3] <= earlier + 8.0,
+        "heap per round {rss:?} MiB: it kept growing"
+    );
+}

@@ -19,13 +19,15 @@ use crate::{
   redisctl watch --pid 4242 --command get         GETs of one process
   redisctl watch --role server --min-latency 5ms  slow commands, as Redis servers see them
   redisctl watch --last 100 -o json --count 100   the last 100 commands, as JSON lines
+                                                  (daemon started with --recent-events)
   redisctl --cluster watch -n shop                every node's, merged (NODE column; --last N per node)")]
 pub struct WatchArgs {
     #[command(flatten)]
     pub filters: FilterArgs,
     #[command(flatten)]
     pub events: EventFilterArgs,
-    /// Start with up to N recent matching commands the daemon keeps in memory.
+    /// Start with up to N recent matching commands the daemon keeps in memory (it keeps them
+    /// only when started with --recent-events; otherwise the Watch is refused).
     #[arg(long, default_value_t = 0)]
     pub last: u32,
     /// Output format.

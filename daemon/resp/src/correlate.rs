@@ -25,6 +25,10 @@ use crate::error_text::ErrorTemplate;
 
 /// Outstanding requests kept per connection; more are reported and the queue reset.
 pub const MAX_OUTSTANDING: usize = 64 * 1024;
+/// Room for decoded frames a connection keeps between chunks.
+const KEPT_DECODED: usize = 64;
+/// Room for outstanding requests a connection keeps once they are all answered.
+const KEPT_QUEUE: usize = 256;
 /// Room for queued commands a finished transaction's queue may keep for the next one.
 const MAX_SPARE_QUEUED: usize = 64;
 /// Frames held while the role of the connection is not yet known.
@@ -172,7 +176,7 @@ pub enum UnansweredReason {
     Closed,
     /// A desync in either direction made pairing impossible.
     Desync,
-    /// More than [`MAX_OUTSTANDING`] requests were outstanding.
+    /// More than [`MAX_OUTSTANDING`] requests were outstanding (or queued in a transaction).
     QueueOverflow,
 }
 
@@ -215,6 +219,12 @@ pub enum Output {
     },
     /// A request that will never be paired.
     Unanswered(Unanswered),
+    /// Requests and frames given up at once by [`Correlator::drop_pending`]: counted, not
+    /// listed (there may be tens of thousands).
+    Dropped {
+        /// How many.
+        requests: u64,
+    },
     /// A reply with no request to pair it with (attached mid-stream, after a desync, or
     /// protocol garbage in the reply direction).
     UnmatchedReply {
@@ -297,13 +307,21 @@ enum ReplyMode {
     SkipNext,
 }
 
+/// `HELLO`'s protocol version argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum HelloVersion {
+    Resp2,
+    Resp3,
+    Other,
+}
+
 #[derive(Debug, Clone)]
 struct Request {
     command: Cow<'static, str>,
     first_key: Option<Text>,
     argc: u32,
     /// `HELLO`'s protocol version argument: RESP3 starts once the reply is not an error.
-    hello_protover: Option<Text>,
+    hello_protover: Option<HelloVersion>,
     request_bytes: u64,
     request_ts: u64,
     pipeline_depth: u32,
@@ -325,6 +343,12 @@ pub struct Correlator {
     multi: Option<Vec<Request>>,
     /// The last transaction's emptied queue, reused by the next MULTI.
     spare_multi: Vec<Request>,
+    /// Commands of the open transaction given up by [`Correlator::drop_pending`]: EXEC's
+    /// results of the kept ones come after theirs.
+    multi_dropped: usize,
+    /// Replies still to come for requests given up by [`Correlator::drop_pending`]: skipped,
+    /// so that later replies pair with their own requests (Redis answers in order).
+    skip_replies: u64,
     reply_mode: ReplyMode,
     resp3: bool,
     subscribed: bool,
@@ -392,6 +416,8 @@ impl Correlator {
             queue: VecDeque::new(),
             multi: None,
             spare_multi: Vec::new(),
+            multi_dropped: 0,
+            skip_replies: 0,
             reply_mode: ReplyMode::On,
             resp3: false,
             subscribed: false,
@@ -399,6 +425,16 @@ impl Correlator {
             unsynced: false,
             replication: false,
             decoded: Vec::new(),
+        }
+    }
+
+    /// A correlator for a new connection whose end is known (from its TCP handshake: the end
+    /// that connected is the client). Its requests are paired from the first one on, however
+    /// many a client pipelines before the first reply.
+    pub fn with_role(role: Role) -> Self {
+        Correlator {
+            role: Some(role),
+            ..Self::new()
         }
     }
 
@@ -421,6 +457,62 @@ impl Correlator {
     /// Requests awaiting a reply.
     pub fn outstanding(&self) -> usize {
         self.queue.len()
+    }
+
+    /// Requests and frames held: awaiting a reply, queued in a transaction, or waiting for the
+    /// connection's role to be known. What a connection costs, for a caller's memory budget.
+    pub fn pending(&self) -> usize {
+        self.queue.len() + self.multi.as_ref().map_or(0, Vec::len) + self.undecided.len()
+    }
+
+    /// Gives up what is pending (reported as one [`Output::Dropped`]) and lets go of the room
+    /// it took; pairing resumes with the next request that gets a reply.
+    pub fn drop_pending(&mut self, out: &mut Vec<Output>) {
+        let requests = self.pending() as u64;
+        // The transaction state the dropped requests leave behind (assuming their replies are
+        // not errors): inside one, later QUEUED replies are still queued commands (not calls),
+        // and EXEC's results pair by position after the dropped ones.
+        let mut in_multi = self
+            .multi
+            .as_ref()
+            .map(|queued| self.multi_dropped + queued.len());
+        for req in &self.queue {
+            match &*req.command {
+                "multi" if in_multi.is_none() => in_multi = Some(0),
+                "exec" | "discard" | "reset" => in_multi = None,
+                _ => {
+                    if let Some(queued) = in_multi.as_mut() {
+                        *queued += 1;
+                    }
+                }
+            }
+        }
+        self.undecided.clear();
+        self.skip_replies += self
+            .queue
+            .iter()
+            .filter(|req| req.expect == Expect::Reply)
+            .count() as u64;
+        self.queue.clear();
+        self.multi = None;
+        if let Some(dropped) = in_multi {
+            self.multi = Some(std::mem::take(&mut self.spare_multi));
+            self.multi_dropped = dropped;
+        } else {
+            self.multi_dropped = 0;
+        }
+        self.shrink();
+        out.push(Output::Dropped { requests });
+    }
+
+    /// Room kept after a spike of outstanding requests is given back once they are answered.
+    fn shrink(&mut self) {
+        if self.queue.is_empty() && self.queue.capacity() > KEPT_QUEUE {
+            self.queue = VecDeque::new();
+        }
+        if self.undecided.is_empty() && self.undecided.capacity() > MAX_UNDECIDED {
+            self.undecided = VecDeque::new();
+        }
     }
 
     /// Bytes of `dir` captured (`copied`) and not captured (`uncopied`) at `ts_ns`.
@@ -463,7 +555,10 @@ impl Correlator {
         let mut decoded = std::mem::take(&mut self.decoded);
         feed(self.decoder(dir), &mut decoded);
         self.handle(dir, ts_ns, &mut decoded, out);
-        self.decoded = decoded;
+        // A chunk of many small messages once does not keep its room on an idle connection.
+        if decoded.capacity() <= KEPT_DECODED {
+            self.decoded = decoded;
+        }
     }
 
     /// `len` bytes of `dir` were lost before `ts_ns`.
@@ -511,6 +606,9 @@ impl Correlator {
         decoded: &mut Vec<Decoded>,
         out: &mut Vec<Output>,
     ) {
+        if self.queue.is_empty() {
+            self.shrink();
+        }
         for d in decoded.drain(..) {
             match d {
                 Decoded::Frame(frame) => self.on_frame(dir, ts, frame, out),
@@ -534,6 +632,8 @@ impl Correlator {
         for req in self.multi.take().unwrap_or_default() {
             out.push(unanswered(role, req, true, reason));
         }
+        self.multi_dropped = 0;
+        self.skip_replies = 0;
         self.unsynced = true;
     }
 
@@ -607,10 +707,14 @@ impl Correlator {
         } = command::identify(args, frame.len);
         let key_index = spec.and_then(|spec| command::first_key_index(spec, args));
         let argc = u32::try_from(frame.len).unwrap_or(u32::MAX);
-        let hello_protover = args
-            .get(1)
-            .filter(|_| command == "hello")
-            .map(|a| Text::from_slice(a));
+        let hello_protover =
+            args.get(1)
+                .filter(|_| command == "hello")
+                .map(|version| match *version {
+                    b"2" => HelloVersion::Resp2,
+                    b"3" => HelloVersion::Resp3,
+                    _ => HelloVersion::Other,
+                });
         // The subscribe family has no subcommands: its stats name is its name.
         let mut expect = match &*command {
             "subscribe" | "psubscribe" | "ssubscribe" if argc >= 2 => Expect::Confirm {
@@ -844,6 +948,10 @@ impl Correlator {
                 return;
             }
         }
+        if self.skip_replies > 0 {
+            self.skip_replies -= 1;
+            return;
+        }
         let Some(head) = self.queue.front() else {
             out.push(Output::UnmatchedReply {
                 dir,
@@ -883,10 +991,16 @@ impl Correlator {
             )
         {
             if frame.kind == Kind::SimpleString && frame.text.as_deref() == Some(b"QUEUED") {
-                queued.push(Request {
-                    reply_bytes: frame.wire_len,
-                    ..req
-                });
+                if queued.len() >= MAX_OUTSTANDING {
+                    // Bounded, whatever a client queues: EXEC's first results still pair with
+                    // the kept commands, and this one is reported.
+                    out.push(unanswered(role, req, true, UnansweredReason::QueueOverflow));
+                } else {
+                    queued.push(Request {
+                        reply_bytes: frame.wire_len,
+                        ..req
+                    });
+                }
                 return;
             }
             let (outcome, counted) = outcome_of(&req, frame);
@@ -910,9 +1024,10 @@ impl Correlator {
             "exec" => {
                 if let Some(mut queued) = self.multi.take() {
                     let ran = frame.kind == Kind::Array && !frame.null;
+                    let first = std::mem::take(&mut self.multi_dropped);
                     for (i, q) in queued.drain(..).enumerate() {
                         let ex = if ran {
-                            exec_element(role, q, frame.items.get(i), &req, ts)
+                            exec_element(role, q, frame.items.get(first + i), &req, ts)
                         } else {
                             discarded(role, q, &req, ts)
                         };
@@ -928,9 +1043,9 @@ impl Correlator {
                 self.monitor = false;
                 self.resp3 = false;
             }
-            "hello" if ok => match req.hello_protover.as_deref() {
-                Some(b"3") => self.resp3 = true,
-                Some(b"2") => self.resp3 = false,
+            "hello" if ok => match req.hello_protover {
+                Some(HelloVersion::Resp3) => self.resp3 = true,
+                Some(HelloVersion::Resp2) => self.resp3 = false,
                 _ => {}
             },
             "monitor" if ok => self.monitor = true,
@@ -963,6 +1078,7 @@ impl Correlator {
 impl Correlator {
     /// DISCARD or RESET: the queued commands never ran.
     fn discard_multi(&mut self, role: Role, by: &Request, ts: u64, out: &mut Vec<Output>) {
+        self.multi_dropped = 0;
         if let Some(mut queued) = self.multi.take() {
             for q in queued.drain(..) {
                 out.push(Output::Exchange(discarded(role, q, by, ts)));

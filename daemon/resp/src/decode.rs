@@ -38,6 +38,8 @@ pub const INLINE_TEXT: usize = 80;
 /// largest part of the daemon's time in malloc).
 pub type Text = SmallVec<[u8; INLINE_TEXT]>;
 
+/// Room a decoder's line buffer keeps between messages.
+const KEPT_LINE: usize = 256;
 /// Items a recycled buffer may hold room for ([`recycle_items`]).
 const MAX_SPARE_ITEMS: usize = 16;
 /// Recycled buffers kept per thread.
@@ -732,6 +734,10 @@ impl Decoder {
         self.frame_start = self.pos;
         self.stack.clear();
         self.line.clear();
+        // A long inline line or text once does not keep its room on every idle connection.
+        if self.line.capacity() > KEPT_LINE {
+            self.line = Vec::new();
+        }
         self.text.clear();
         self.items.clear();
         self.all_bulk = true;

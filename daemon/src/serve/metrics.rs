@@ -413,6 +413,22 @@ fn render_daemon(out: &mut String, state: &ServeState) {
         labels(&desync),
         load(&counters.desyncs)
     );
+    // Requests given up unpaired so that memory stays bounded.
+    for (reason, count) in [
+        ("queue_overflow", &counters.overflowed),
+        ("memory_budget", &counters.over_budget),
+    ] {
+        let pending = [
+            ("source", "pending_requests".to_owned()),
+            ("reason", reason.to_owned()),
+        ];
+        let _ = writeln!(
+            out,
+            "respwatch_lost_total{} {}",
+            labels(&pending),
+            load(count)
+        );
+    }
     let queue = [
         ("source", "subscriber_queue".to_owned()),
         ("reason", "dropped".to_owned()),

@@ -432,3 +432,171 @@ fn a_replication_link_counts_the_handshake_and_acks_but_not_the_stream() {
         "{out:?}"
     );
 }
+
+fn unanswered_for(out: &[Output], reason: UnansweredReason) -> usize {
+    out.iter()
+        .filter(|o| matches!(o, Output::Unanswered(u) if u.reason == reason))
+        .count()
+}
+
+/// MULTI without EXEC cannot grow a connection without bound: past the limit, queued commands
+/// are reported, and EXEC still pairs its first results with the kept ones.
+#[test]
+fn a_transaction_queue_is_bounded_and_exec_still_pairs_what_it_kept() {
+    let queued = (MAX_OUTSTANDING / 11 + 1) * 11;
+    let over = queued - MAX_OUTSTANDING;
+    let mut c = Correlator::new();
+    let mut out = Vec::new();
+    c.feed(Ingress, 1, b"*1\r\n$5\r\nMULTI\r\n", 0, &mut out);
+    c.feed(Egress, 2, b"+OK\r\n", 0, &mut out);
+    // In rounds, as a client that reads its replies sends them.
+    let requests = b"*2\r\n$4\r\nINCR\r\n$1\r\nn\r\n".repeat(queued / 11);
+    let replies = b"+QUEUED\r\n".repeat(queued / 11);
+    for _ in 0..11 {
+        c.feed(Ingress, 3, &requests, 0, &mut out);
+        c.feed(Egress, 4, &replies, 0, &mut out);
+    }
+    assert_eq!(c.pending(), MAX_OUTSTANDING);
+    assert_eq!(unanswered_for(&out, UnansweredReason::QueueOverflow), over);
+    out.clear();
+    c.feed(Ingress, 5, b"*1\r\n$4\r\nEXEC\r\n", 0, &mut out);
+    let mut reply = format!("*{queued}\r\n").into_bytes();
+    reply.extend(b":1\r\n".repeat(queued));
+    c.feed(Egress, 6, &reply, 0, &mut out);
+    // Every kept one ran (results past the summarised ones count as calls of unknown outcome).
+    let incr = summary(&out)
+        .iter()
+        .filter(|(name, outcome, counted)| {
+            name == "incr" && *counted && matches!(outcome, Outcome::Ok | Outcome::Unknown)
+        })
+        .count();
+    assert_eq!(incr, MAX_OUTSTANDING);
+    assert_eq!(summary(&out).last(), Some(&s("exec", Outcome::Ok, true)));
+    assert_eq!(c.pending(), 0);
+}
+
+/// A caller over its memory budget drops what a connection holds; the dropped requests are
+/// counted, and the connection pairs again from its next request on.
+#[test]
+fn dropping_pending_requests_reports_each_and_pairing_resumes() {
+    let (mut c, mut out) = run(&[(Ingress, b"*1\r\n$4\r\nPING\r\n"), (Egress, b"+PONG\r\n")]);
+    out.clear();
+    c.feed(
+        Ingress,
+        1,
+        &b"*1\r\n$4\r\nPING\r\n".repeat(1000),
+        0,
+        &mut out,
+    );
+    assert_eq!(c.pending(), 1000);
+    c.drop_pending(&mut out);
+    assert_eq!(c.pending(), 0);
+    assert!(matches!(out[..], [Output::Dropped { requests: 1000 }]));
+    out.clear();
+    // Replies of the dropped requests are orphans; then a new request pairs.
+    c.feed(Egress, 2, &b"+PONG\r\n".repeat(1000), 0, &mut out);
+    c.feed(Ingress, 3, b"*2\r\n$3\r\nGET\r\n$1\r\nk\r\n", 0, &mut out);
+    c.feed(Egress, 4, b"$-1\r\n", 0, &mut out);
+    assert_eq!(summary(&out), vec![s("get", Outcome::Ok, true)]);
+}
+
+/// Dropped inside a transaction, a connection stays in it: the commands queued after the drop
+/// are not counted as calls when their QUEUED replies come, and EXEC pairs their results by
+/// position, after the dropped ones.
+#[test]
+fn dropping_pending_inside_a_transaction_keeps_it_one() {
+    let (mut c, mut out) = run(&[
+        (Ingress, b"*1\r\n$5\r\nMULTI\r\n"),
+        (Egress, b"+OK\r\n"),
+        (
+            Ingress,
+            b"*2\r\n$4\r\nINCR\r\n$1\r\na\r\n*2\r\n$4\r\nINCR\r\n$1\r\nb\r\n",
+        ),
+        (Egress, b"+QUEUED\r\n+QUEUED\r\n"),
+    ]);
+    out.clear();
+    c.drop_pending(&mut out);
+    assert!(matches!(out[..], [Output::Dropped { requests: 2 }]));
+    out.clear();
+    c.feed(
+        Ingress,
+        10_000,
+        b"*2\r\n$3\r\nGET\r\n$1\r\nc\r\n",
+        0,
+        &mut out,
+    );
+    c.feed(Egress, 11_000, b"+QUEUED\r\n", 0, &mut out);
+    assert!(exchanges(&out).is_empty(), "a queued GET is no call yet");
+    c.feed(Ingress, 12_000, b"*1\r\n$4\r\nEXEC\r\n", 0, &mut out);
+    c.feed(
+        Egress,
+        13_000,
+        b"*3\r\n:1\r\n:1\r\n-WRONGTYPE x\r\n",
+        0,
+        &mut out,
+    );
+    assert_eq!(
+        summary(&out),
+        vec![
+            s("get", Outcome::Failed, true),
+            s("exec", Outcome::Ok, true)
+        ]
+    );
+}
+
+/// MULTI and the commands after it may still await their replies when they are dropped: the
+/// transaction is entered anyway, so the QUEUED replies that follow are no calls.
+#[test]
+fn a_multi_in_flight_when_dropped_still_opens_the_transaction() {
+    let (mut c, mut out) = run(&[(Ingress, b"*1\r\n$4\r\nPING\r\n"), (Egress, b"+PONG\r\n")]);
+    c.feed(
+        Ingress,
+        10_000,
+        b"*1\r\n$5\r\nMULTI\r\n*2\r\n$4\r\nINCR\r\n$1\r\na\r\n",
+        0,
+        &mut out,
+    );
+    c.drop_pending(&mut out);
+    out.clear();
+    c.feed(Egress, 11_000, b"+OK\r\n+QUEUED\r\n", 0, &mut out);
+    c.feed(
+        Ingress,
+        12_000,
+        b"*2\r\n$4\r\nINCR\r\n$1\r\nb\r\n",
+        0,
+        &mut out,
+    );
+    c.feed(Egress, 13_000, b"+QUEUED\r\n", 0, &mut out);
+    assert!(exchanges(&out).is_empty(), "queued commands are no calls");
+    c.feed(Ingress, 14_000, b"*1\r\n$4\r\nEXEC\r\n", 0, &mut out);
+    c.feed(Egress, 15_000, b"*2\r\n:1\r\n:7\r\n", 0, &mut out);
+    assert_eq!(
+        summary(&out),
+        vec![s("incr", Outcome::Ok, true), s("exec", Outcome::Ok, true)]
+    );
+}
+
+/// A client that pipelines more requests than the undecided frames before the first reply
+/// loses none of them when its end is known from the handshake, MULTI included.
+#[test]
+fn a_known_role_pairs_a_long_pipeline_from_its_first_request() {
+    let mut c = Correlator::with_role(Role::Client);
+    let mut out = Vec::new();
+    let mut requests = b"*1\r\n$5\r\nMULTI\r\n".to_vec();
+    requests.extend(b"*1\r\n$4\r\nPING\r\n".repeat(1000));
+    requests.extend(b"*1\r\n$4\r\nEXEC\r\n");
+    c.feed(Egress, 1, &requests, 0, &mut out);
+    let mut replies = b"+OK\r\n".to_vec();
+    replies.extend(b"+QUEUED\r\n".repeat(1000));
+    replies.extend(b"*1000\r\n");
+    replies.extend(b"+PONG\r\n".repeat(1000));
+    c.feed(Ingress, 2, &replies, 0, &mut out);
+    let calls = summary(&out);
+    assert_eq!(calls.len(), 1002, "MULTI, 1000 PINGs, EXEC");
+    assert_eq!(calls[0], s("multi", Outcome::Ok, true));
+    assert!(
+        calls
+            .iter()
+            .all(|(_, outcome, counted)| *counted && *outcome == Outcome::Ok)
+    );
+}
