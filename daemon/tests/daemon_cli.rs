@@ -1058,3 +1058,40 @@ fn memory_stays_bounded_under_hostile_streams() {
         "heap per round {rss:?} MiB: it kept growing"
     );
 }
+
+/// A Watch that asks for recent events gets them only from a daemon that keeps them
+/// (`--recent-events`); any other says why it cannot, instead of streaming none.
+#[test]
+fn recent_events_are_refused_unless_the_daemon_keeps_them() {
+    let _turn = one_daemon_at_a_time();
+    let proto = concat!(env!("CARGO_MANIFEST_DIR"), "/../proto");
+    for kept in [false, true] {
+        let port = free_port();
+        let mut command = daemon_serving_at(port, free_port());
+        if kept {
+            command.args(["--recent-events", "100"]);
+        }
+        let (child, _) = start(command);
+        let daemon = Reaped(child);
+        let watched = grpcurl(&[
+            "-plaintext",
+            "-import-path",
+            proto,
+            "-proto",
+            "respwatch/v1/respwatch.proto",
+            "-max-time",
+            "2",
+            "-d",
+            r#"{"last": 5}"#,
+            &format!("127.0.0.1:{port}"),
+            "respwatch.v1.Observer/Watch",
+        ]);
+        let stderr = String::from_utf8_lossy(&watched.stderr);
+        assert_eq!(
+            stderr.contains("FailedPrecondition") && stderr.contains("--recent-events"),
+            !kept,
+            "--recent-events kept {kept}: {stderr}"
+        );
+        drop(daemon);
+    }
+}
