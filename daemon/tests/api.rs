@@ -847,14 +847,7 @@ fn a_stalled_subscriber_loses_exactly_counted_events_and_stalls_nobody() {
         .build()
         .expect("runtime");
     let (received, lost, sequences_ok, active) = runtime.block_on(async {
-        let before = client(&d.grpc)
-            .await
-            .expect("connect")
-            .get_status(v1::GetStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner()
-            .subscribers;
+        let before = status_of(&d.grpc).await.subscribers;
         let mut stalled = narrow_client(&d.grpc)
             .await
             .watch(request.clone())
@@ -889,13 +882,7 @@ fn a_stalled_subscriber_loses_exactly_counted_events_and_stalls_nobody() {
         });
         let deadline = Instant::now() + WAIT;
         loop {
-            let status = client(&d.grpc)
-                .await
-                .expect("connect")
-                .get_status(v1::GetStatusRequest {})
-                .await
-                .expect("status");
-            if status.into_inner().subscribers >= before + 2 {
+            if status_of(&d.grpc).await.subscribers >= before + 2 {
                 break;
             }
             assert!(Instant::now() < deadline, "subscribers did not register");
@@ -1282,18 +1269,8 @@ fn watch_delivers_events_of_both_cpus_in_time_order() {
         ..Default::default()
     };
     let runtime = runtime();
-    let subscribers = |grpc: String| async move {
-        client(&grpc)
-            .await
-            .expect("connect")
-            .get_status(v1::GetStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner()
-            .subscribers
-    };
     let (times, lost) = runtime.block_on(async {
-        let before = subscribers(d.grpc.clone()).await;
+        let before = status_of(&d.grpc).await.subscribers;
         let mut stream = client(&d.grpc)
             .await
             .expect("connect")
@@ -1319,7 +1296,7 @@ fn watch_delivers_events_of_both_cpus_in_time_order() {
             (times, lost)
         });
         let deadline = Instant::now() + Duration::from_secs(30);
-        while subscribers(d.grpc.clone()).await < before + 1 {
+        while status_of(&d.grpc).await.subscribers < before + 1 {
             assert!(Instant::now() < deadline, "the Watch never started");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

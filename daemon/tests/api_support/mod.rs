@@ -155,15 +155,18 @@ pub async fn narrow_client(addr: &str) -> ObserverClient<Channel> {
 }
 
 pub fn status() -> v1::GetStatusResponse {
-    runtime().block_on(async {
-        client(&daemon().grpc)
-            .await
-            .expect("connect")
-            .get_status(v1::GetStatusRequest {})
-            .await
-            .expect("status")
-            .into_inner()
-    })
+    runtime().block_on(status_of(&daemon().grpc))
+}
+
+/// `GetStatus` of the daemon at `addr`, from async code.
+pub async fn status_of(addr: &str) -> v1::GetStatusResponse {
+    client(addr)
+        .await
+        .expect("connect")
+        .get_status(v1::GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner()
 }
 
 pub fn stats(request: v1::GetStatsRequest) -> Vec<v1::StatsRow> {
