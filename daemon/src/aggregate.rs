@@ -302,17 +302,29 @@ impl WindowStats {
             }
         }
         if let Some(error) = &event.error {
-            let prefix = if self.errors.iter().any(|(known, _)| *known == error.prefix)
-                || self.errors.len() < MAX_ERROR_PREFIXES
-            {
-                &error.prefix
-            } else {
-                &Cow::Borrowed(OVERFLOW_ERROR_PREFIX)
-            };
-            match self.errors.iter_mut().find(|(known, _)| known == prefix) {
-                Some((_, count)) => *count += 1,
-                None => self.errors.push((prefix.clone(), 1)),
-            }
+            self.count_error(&error.prefix);
+        }
+    }
+
+    /// Like `RowStats::count_error`: past [`MAX_ERROR_PREFIXES`], new prefixes count under
+    /// [`OVERFLOW_ERROR_PREFIX`]. Borrowed prefixes (Redis' own) are kept without a copy.
+    #[expect(
+        clippy::ptr_arg,
+        reason = "the Cow itself is cloned when kept, so a borrowed prefix is never copied"
+    )]
+    fn count_error(&mut self, prefix: &Cow<'static, str>) {
+        if let Some((_, count)) = self.errors.iter_mut().find(|(known, _)| known == prefix) {
+            *count += 1;
+        } else if self.errors.len() < MAX_ERROR_PREFIXES {
+            self.errors.push((prefix.clone(), 1));
+        } else if let Some((_, count)) = self
+            .errors
+            .iter_mut()
+            .find(|(known, _)| known == OVERFLOW_ERROR_PREFIX)
+        {
+            *count += 1;
+        } else {
+            self.errors.push((Cow::Borrowed(OVERFLOW_ERROR_PREFIX), 1));
         }
     }
 

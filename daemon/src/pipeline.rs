@@ -154,7 +154,9 @@ impl Shared {
             events.clear();
             return;
         }
-        let mut history = self.history.lock().ok().filter(|_| self.config.history > 0);
+        let mut history = (self.config.history > 0)
+            .then(|| self.history.lock().ok())
+            .flatten();
         for event in events.drain(..) {
             let event = Arc::new(event);
             if let Some(history) = history.as_mut() {
@@ -318,9 +320,7 @@ impl Pipeline {
                 tracing::warn!(%error, "dropped a ring buffer record");
             }
             self.untrack_not_resp(&mut not_resp);
-            let mut out_of_scope = std::mem::take(&mut self.stages.out_of_scope);
-            self.exclude_in_kernel(&mut out_of_scope);
-            self.stages.out_of_scope = out_of_scope;
+            self.exclude_in_kernel();
             let streams = &self.stages.streams;
             counters
                 .tracked_connections
@@ -354,8 +354,9 @@ impl Pipeline {
         }
     }
 
-    fn exclude_in_kernel(&mut self, cgroups: &mut Vec<u64>) {
-        for cgroup_id in cgroups.drain(..) {
+    /// Cgroups the last batches found out of `--namespaces`' scope for good.
+    fn exclude_in_kernel(&mut self) {
+        for cgroup_id in self.stages.out_of_scope.drain(..) {
             match self.capture.exclude_cgroup(cgroup_id) {
                 Ok(excluded) => self
                     .shared
