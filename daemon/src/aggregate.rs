@@ -105,19 +105,129 @@ impl Histogram {
         Self::upper(Self::BUCKETS - 1)
     }
 
-    /// Cumulative counts at the given upper bounds (nanoseconds), for Prometheus buckets.
-    pub fn cumulative(&self, bounds_ns: &[u64]) -> Vec<u64> {
-        bounds_ns
-            .iter()
-            .map(|bound| {
-                self.buckets
-                    .iter()
-                    .enumerate()
-                    .take_while(|(index, _)| Self::upper(*index) <= *bound)
-                    .map(|(_, count)| count)
-                    .sum()
-            })
-            .collect()
+    /// Counts at or below each of [`LATENCY_BOUNDS_NS`], in one pass.
+    fn below_bounds(&self) -> [u64; LATENCY_BOUNDS_NS.len()] {
+        let mut below = [0; LATENCY_BOUNDS_NS.len()];
+        let mut bound = 0;
+        for (index, count) in self.buckets.iter().enumerate() {
+            while bound < below.len() && Self::upper(index) > LATENCY_BOUNDS_NS[bound] {
+                bound += 1;
+            }
+            if bound == below.len() {
+                break;
+            }
+            below[bound] += count;
+        }
+        for at in 1..below.len() {
+            below[at] += below[at - 1];
+        }
+        below
+    }
+
+    /// Latencies counted in all.
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().sum()
+    }
+}
+
+/// Upper bounds (nanoseconds) of the latency buckets rows report to an exporter: Prometheus'
+/// `le` bounds, 10 µs to 10 s.
+pub const LATENCY_BOUNDS_NS: [u64; 19] = [
+    10_000,
+    25_000,
+    50_000,
+    100_000,
+    250_000,
+    500_000,
+    1_000_000,
+    2_500_000,
+    5_000_000,
+    10_000_000,
+    25_000_000,
+    50_000_000,
+    100_000_000,
+    250_000_000,
+    500_000_000,
+    1_000_000_000,
+    2_500_000_000,
+    5_000_000_000,
+    10_000_000_000,
+];
+
+/// A row's counters as an exporter sees them: sums that only grow, the histogram reduced to
+/// [`LATENCY_BOUNDS_NS`]. What changed since the last export is handed out as one of these.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub calls: u64,
+    pub rejected_calls: u64,
+    pub failed_calls: u64,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// Sum of counted latencies.
+    pub latency_ns: u64,
+    /// Latencies counted in all.
+    pub latencies: u64,
+    /// Latencies at or below each of [`LATENCY_BOUNDS_NS`] (cumulative, as Prometheus' buckets).
+    pub below: [u64; LATENCY_BOUNDS_NS.len()],
+    pub errors: BTreeMap<String, u64>,
+}
+
+impl Totals {
+    fn of(stats: &RowStats) -> Totals {
+        Totals {
+            calls: stats.calls,
+            rejected_calls: stats.rejected_calls,
+            failed_calls: stats.failed_calls,
+            bytes_in: stats.bytes_in,
+            bytes_out: stats.bytes_out,
+            latency_ns: stats.latency_ns,
+            latencies: stats.histogram.count(),
+            below: stats.histogram.below_bounds(),
+            errors: stats.errors.clone(),
+        }
+    }
+
+    /// What `self` counted beyond `earlier` (a snapshot of the same row).
+    fn since(&self, earlier: &Totals) -> Totals {
+        let mut below = self.below;
+        for (now, then) in below.iter_mut().zip(earlier.below) {
+            *now -= then;
+        }
+        Totals {
+            calls: self.calls - earlier.calls,
+            rejected_calls: self.rejected_calls - earlier.rejected_calls,
+            failed_calls: self.failed_calls - earlier.failed_calls,
+            bytes_in: self.bytes_in - earlier.bytes_in,
+            bytes_out: self.bytes_out - earlier.bytes_out,
+            latency_ns: self.latency_ns - earlier.latency_ns,
+            latencies: self.latencies - earlier.latencies,
+            below,
+            errors: self
+                .errors
+                .iter()
+                .map(|(prefix, count)| {
+                    let then = earlier.errors.get(prefix).copied().unwrap_or_default();
+                    (prefix.clone(), count - then)
+                })
+                .filter(|(_, count)| *count > 0)
+                .collect(),
+        }
+    }
+
+    pub fn add(&mut self, other: &Totals) {
+        self.calls += other.calls;
+        self.rejected_calls += other.rejected_calls;
+        self.failed_calls += other.failed_calls;
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.latency_ns += other.latency_ns;
+        self.latencies += other.latencies;
+        for (mine, theirs) in self.below.iter_mut().zip(other.below) {
+            *mine += theirs;
+        }
+        for (prefix, count) in &other.errors {
+            *self.errors.entry(prefix.clone()).or_default() += count;
+        }
     }
 }
 
@@ -234,11 +344,18 @@ pub struct Aggregator {
     recent: VecDeque<Second>,
     /// Seconds that left the window, emptied for reuse.
     spare_seconds: Vec<Second>,
+    /// Ids of rows that counted something since the last [`Aggregator::drain_changes`] (an id
+    /// may repeat after its row expired and the id was reused: its `changed` flag decides).
+    changed: Vec<u32>,
 }
 
 struct Row {
     key: RowKey,
     stats: RowStats,
+    /// What the exporter was last handed (see [`Aggregator::drain_changes`]).
+    exported: Totals,
+    /// Counted anything since then; its id is in `Aggregator::changed`.
+    changed: bool,
 }
 
 /// Everything a row key is made of (see `Attributor::row_key`), the process by identity and the
@@ -389,8 +506,12 @@ impl Aggregator {
         }
         for event in events {
             let row = self.row_of(event, &row_key);
-            if let Some(Some(row)) = self.rows.get_mut(row as usize) {
-                row.stats.record(event);
+            if let Some(Some(kept)) = self.rows.get_mut(row as usize) {
+                kept.stats.record(event);
+                if !kept.changed {
+                    kept.changed = true;
+                    self.changed.push(row);
+                }
             }
             if let Some(second) = self.second_mut(event.time_unix_ns / 1_000_000_000) {
                 second.entry(row).or_default().record(event);
@@ -451,6 +572,8 @@ impl Aggregator {
         let row = Row {
             key: key.clone(),
             stats: RowStats::default(),
+            exported: Totals::default(),
+            changed: false,
         };
         let id = match self.free.pop() {
             Some(id) => {
@@ -520,6 +643,26 @@ impl Aggregator {
         }
     }
 
+    /// Hands every row that counted something since the last call its key and what it counted
+    /// since then: an exporter's work grows with the rows that are busy, not with all rows.
+    pub fn drain_changes(&mut self, mut changed: impl FnMut(&RowKey, &Totals)) {
+        for id in self.changed.drain(..) {
+            if let Some(Some(row)) = self.rows.get_mut(id as usize)
+                && row.changed
+            {
+                row.changed = false;
+                let now = Totals::of(&row.stats);
+                changed(&row.key, &now.since(&row.exported));
+                row.exported = now;
+            }
+        }
+    }
+
+    /// The keys of all rows.
+    pub fn keys(&self) -> impl Iterator<Item = &RowKey> {
+        self.rows.iter().flatten().map(|row| &row.key)
+    }
+
     /// Rows matching `filter`, summed over everything not in `group_by`, cumulative or over the
     /// last `window_seconds` (counted back from `now_unix_s`).
     pub fn query(
@@ -560,14 +703,15 @@ impl Aggregator {
     }
 
     /// Forgets rows whose process is gone and that saw nothing for `grace_ns`, so series of
-    /// exited processes and deleted pods do not live forever; returns them.
+    /// exited processes and deleted pods do not live forever; returns how many. Drain changes
+    /// first: what an expired row counted since the last drain is not handed out.
     pub fn expire(
         &mut self,
         now_unix_ns: u64,
         grace_ns: u64,
         alive: impl Fn(&RowKey) -> bool,
-    ) -> Vec<(RowKey, RowStats)> {
-        let mut expired = Vec::new();
+    ) -> usize {
+        let mut expired = 0;
         for (id, slot) in self.rows.iter_mut().enumerate() {
             let gone = slot.as_ref().is_some_and(|row| {
                 !alive(&row.key) && now_unix_ns.saturating_sub(row.stats.last_seen_ns) >= grace_ns
@@ -579,10 +723,10 @@ impl Aggregator {
                 for kept in self.recent.iter_mut().chain(&mut self.spare_seconds) {
                     kept.rows.remove(&id);
                 }
-                expired.push((row.key, row.stats));
+                expired += 1;
             }
         }
-        if !expired.is_empty() {
+        if expired > 0 {
             // Slots may point at freed ids, which new rows will reuse.
             self.slots.clear();
         }

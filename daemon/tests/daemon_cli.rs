@@ -243,7 +243,8 @@ fn a_full_ring_drops_no_packet() {
     command.args(["--ring-bytes", "8192"]);
     let (daemon, _) = start(command);
     let with = workload();
-    std::thread::sleep(Duration::from_millis(1500)); // the kernel counters are read every second
+    // The kernel counters are read every second, and `/metrics` fed every second.
+    std::thread::sleep(Duration::from_millis(2500));
     let ring_full: u64 = http_get(metrics, "/metrics")
         .lines()
         .find_map(|line| {
@@ -951,8 +952,10 @@ fn metric_counters_never_go_down_when_a_process_row_expires() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // With its last process gone, the series goes too: nothing is kept for it.
+    // With its last process gone, the series goes too: nothing is kept for it (it leaves the
+    // exposition once the recorder has not been fed it for 5 s).
     drop(staying);
+    let deadline = std::time::Instant::now() + Duration::from_secs(45);
     loop {
         let text = scrape();
         match sample(&text, series) {

@@ -370,7 +370,11 @@ fn pods_namespaces_labels_and_workloads_from_the_pod_watcher() {
         "{selected:?}"
     );
 
-    // /metrics: namespace, pod, container and workload on the command series.
+    // /metrics: namespace, pod, container and workload on the command series (fed once a
+    // second).
+    wait_for("the prod pod's series", || {
+        !command_series(&daemon.metrics(), "web-5d8f7c9b6-x2x9k").is_empty()
+    });
     let metrics = daemon.metrics();
     let series = command_series(&metrics, "web-5d8f7c9b6-x2x9k");
     assert!(
@@ -672,6 +676,8 @@ fn namespace_scope_drops_other_namespaces_in_the_daemon() {
             .sum();
         calls == 2
     });
+    // `/metrics` is fed once a second.
+    std::thread::sleep(Duration::from_millis(1500));
     let records = metric(&daemon.metrics(), "respwatch_records_total") - records_before;
     // Prod's one SET: a write and a read on the client side (a few more if split). Without the
     // kernel filter, staging alone would add 2 records per command on each side (2000).

@@ -1,34 +1,52 @@
-//! `/metrics`: the Prometheus text exposition, rendered on each scrape from the same
-//! aggregation `GetStats` reads (one model, two views: no second set of counters to drift).
-//! Labels are configurable; key names never become labels.
+//! `/metrics`: the Prometheus text exposition, from the same rows `GetStats` reads (one model,
+//! two views). Counters and gauges live in `metrics-exporter-prometheus`' recorder and are fed
+//! once per [`FLUSH_INTERVAL`] with what the rows counted since the last flush, through
+//! handles cached per series: nothing per command, and a scrape never takes the lock the
+//! pipeline needs. Series sum rows by the exported labels and keep what expired rows counted,
+//! so a counter never goes down while its series lives. Labels are configurable; key names
+//! never become labels.
+//!
+//! The latency histogram is the one piece written here, with the exporter's own formatting: its
+//! recorder keeps every recorded sample until the next scrape (`record_many` records a value
+//! `count` times: 29 ms and 16 MiB per million samples measured here), where the rows already
+//! hold bucket counts.
 use std::{
-    collections::BTreeMap,
-    fmt::Write as _,
+    collections::{HashMap, HashSet},
     net::SocketAddr,
     str::FromStr,
-    sync::{Arc, atomic::Ordering},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
+use axum::{Router, extract::State, http::header, response::IntoResponse, routing::get};
+use hyper_util::{rt::TokioIo, service::TowerToHyperService};
+use metrics::{Counter, Key, Label as MetricLabel, Level, Metadata, Recorder};
+use metrics_exporter_prometheus::{
+    LabelSet, PrometheusBuilder, PrometheusHandle, PrometheusRecorder,
+    formatting::{write_help_line, write_metric_line, write_type_line},
+};
+use metrics_util::MetricKindMask;
 use respwatch_common::LossReason;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
     net::{TcpListener, TcpStream},
     sync::watch as signal,
 };
 
 use super::{ServeState, convert, stopped};
 use crate::{
-    aggregate::{GroupBy, RowKey, RowStats},
+    aggregate::{LATENCY_BOUNDS_NS, RowKey, Totals},
     enrich::Attributor,
     event::role_name,
 };
 
-/// Latency histogram bounds in seconds.
-pub const BUCKETS_SECONDS: [f64; 19] = [
-    0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
-    0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
-];
+/// How often the recorder is fed from the rows: how stale a scrape can be.
+pub const FLUSH_INTERVAL: Duration = Duration::from_secs(1);
+/// Series not fed for this long leave the exposition (the recorder's idle timeout): series of
+/// expired rows, pods that are gone.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Flushes between re-registering every cached handle, so a handle the recorder dropped while
+/// the flush stalled past [`IDLE_TIMEOUT`] is replaced (totals are set, so nothing is lost).
+const REREGISTER_EVERY: u32 = 3;
 
 /// A label per-command series may carry.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -132,452 +150,559 @@ impl std::fmt::Display for MetricLabels {
     }
 }
 
-impl MetricLabels {
-    fn group_by(&self) -> Vec<GroupBy> {
-        self.0
-            .iter()
-            .map(|label| match label {
-                Label::Namespace => GroupBy::Namespace,
-                Label::Pod => GroupBy::Pod,
-                Label::Container => GroupBy::Container,
-                Label::Pid | Label::Comm => GroupBy::Process,
-                Label::Role => GroupBy::Role,
-                Label::Command => GroupBy::Command,
-                Label::Peer => GroupBy::Peer,
-                Label::Workload => GroupBy::Pod,
-            })
-            .collect()
-    }
+/// Label values of the series a row counts in, as its pod is known now (a row recorded before
+/// its pod's metadata arrived counts under the names learnt since).
+fn series_values(key: &RowKey, chosen: &MetricLabels, attributor: &Attributor) -> Vec<String> {
+    let resolved = attributor.pods().and_then(|_| attributor.resolve_row(key));
+    let key = resolved.as_ref().unwrap_or(key);
+    chosen.0.iter().map(|l| l.value(key, attributor)).collect()
 }
 
-fn escape(value: &str) -> String {
-    value
-        .replace('\\', "\\\\")
-        .replace('"', "\\\"")
-        .replace('\n', "\\n")
-}
+/// Where the recorder's handles come from (the exporter does not use it).
+static METADATA: Metadata<'static> = Metadata::new(module_path!(), Level::INFO, None);
 
-/// `{a="x",b="y"}` from pairs (empty pairs: no braces).
-fn labels(pairs: &[(&str, String)]) -> String {
-    if pairs.is_empty() {
-        return String::new();
-    }
-    let inner: Vec<String> = pairs
-        .iter()
-        .map(|(k, v)| format!("{k}=\"{}\"", escape(v)))
-        .collect();
-    format!("{{{}}}", inner.join(","))
-}
+const COMMANDS: &str = "respwatch_commands_total";
+const REJECTED: &str = "respwatch_command_rejected_total";
+const FAILED: &str = "respwatch_command_failed_total";
+const IN_BYTES: &str = "respwatch_command_in_bytes_total";
+const OUT_BYTES: &str = "respwatch_command_out_bytes_total";
+const ERRORS: &str = "respwatch_errors_total";
+const DURATION: &str = "respwatch_command_duration_seconds";
+const DURATION_HELP: &str = "Command latency: request read to reply written (server), request written to reply read (client).";
 
-fn header(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
-/// A per-row counter: name, help, value.
-type PerRow = (&'static str, &'static str, fn(&RowStats) -> u64);
-
-/// Rows summed by the exported label values (what is not exported is summed over).
-fn series_of(
-    rows: Vec<(RowKey, RowStats)>,
-    chosen: &MetricLabels,
-    attributor: &Attributor,
-) -> BTreeMap<Vec<String>, RowStats> {
-    let rows = convert::current_rows(rows, attributor);
-    let mut series: BTreeMap<Vec<String>, RowStats> = BTreeMap::new();
-    let group_by = chosen.group_by();
-    for (key, stats) in &rows {
-        let key = convert::project(key, &group_by);
-        series
-            .entry(chosen.0.iter().map(|l| l.value(&key, attributor)).collect())
-            .or_default()
-            .merge(stats);
-    }
-    series
-}
-
-/// What expired rows had counted, by the label values of their series. Folded back into a
-/// series while it has live rows, so its counters never go down when one of its processes exits
-/// (`rate()` would read that as a reset); dropped with the series' last live row.
-#[derive(Default)]
-pub struct RetiredSeries(std::sync::Mutex<BTreeMap<Vec<String>, RowStats>>);
-
-impl RetiredSeries {
-    pub fn retire(
-        &self,
-        rows: Vec<(RowKey, RowStats)>,
-        chosen: &MetricLabels,
-        attributor: &Attributor,
-    ) {
-        if rows.is_empty() {
-            return;
-        }
-        let expired = series_of(rows, chosen, attributor);
-        let mut retired = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        for (values, stats) in expired {
-            retired.entry(values).or_default().merge(&stats);
-        }
-    }
-
-    /// Adds what is retired to the live `series`, forgetting what no live series carries on.
-    fn fold_into(&self, series: &mut BTreeMap<Vec<String>, RowStats>) {
-        let mut retired = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        retired.retain(|values, stats| match series.get_mut(values) {
-            Some(live) => {
-                live.merge(stats);
-                true
-            }
-            None => false,
-        });
-    }
-}
-
-/// Renders the exposition (text format 0.0.4).
-pub fn render(state: &ServeState, chosen: &MetricLabels) -> String {
-    let (rows, row_count) = {
-        let Ok(aggregator) = state.shared.aggregator.lock() else {
-            return String::new();
-        };
-        (
-            aggregator.query(|_| true, &convert::ALL_GROUP_BY, None),
-            aggregator.rows(),
-        )
-    };
-    let attributor = &state.shared.attributor;
-    let mut series = series_of(rows, chosen, attributor);
-    state.retired.fold_into(&mut series);
-    let names: Vec<&str> = chosen.0.iter().map(|l| l.name()).collect();
-    let pairs = |values: &[String]| -> Vec<(&str, String)> {
-        names.iter().copied().zip(values.iter().cloned()).collect()
-    };
-    let mut out = String::with_capacity(4096 + series.len() * 1024);
-    let per_row: [PerRow; 5] = [
-        (
-            "respwatch_commands_total",
-            "Commands executed (Redis' calls: failed ones included, rejected ones not).",
-            |s| s.calls,
-        ),
-        (
-            "respwatch_command_rejected_total",
-            "Commands rejected before execution (Redis' rejected_calls).",
-            |s| s.rejected_calls,
-        ),
-        (
-            "respwatch_command_failed_total",
-            "Commands that failed during execution (Redis' failed_calls).",
-            |s| s.failed_calls,
-        ),
-        (
-            "respwatch_command_in_bytes_total",
-            "Bytes the traced process read for commands (requests for servers, replies for clients).",
-            |s| s.bytes_in,
-        ),
-        (
-            "respwatch_command_out_bytes_total",
-            "Bytes the traced process wrote for commands (replies for servers, requests for clients).",
-            |s| s.bytes_out,
-        ),
-    ];
-    for (name, help, value) in per_row {
-        header(&mut out, name, "counter", help);
-        for (values, stats) in &series {
-            let _ = writeln!(out, "{name}{} {}", labels(&pairs(values)), value(stats));
-        }
-    }
-    header(
-        &mut out,
-        "respwatch_errors_total",
-        "counter",
+/// Per-series metrics: name, help, kind.
+const DESCRIBED: [(&str, &str, Kind); 31] = [
+    (
+        COMMANDS,
+        "Commands executed (Redis' calls: failed ones included, rejected ones not).",
+        Kind::Counter,
+    ),
+    (
+        REJECTED,
+        "Commands rejected before execution (Redis' rejected_calls).",
+        Kind::Counter,
+    ),
+    (
+        FAILED,
+        "Commands that failed during execution (Redis' failed_calls).",
+        Kind::Counter,
+    ),
+    (
+        IN_BYTES,
+        "Bytes the traced process read for commands (requests for servers, replies for clients).",
+        Kind::Counter,
+    ),
+    (
+        OUT_BYTES,
+        "Bytes the traced process wrote for commands (replies for servers, requests for clients).",
+        Kind::Counter,
+    ),
+    (
+        ERRORS,
         "Error replies by prefix, like INFO errorstats.",
-    );
-    for (values, stats) in &series {
-        for (prefix, count) in &stats.errors {
-            let mut with_prefix = pairs(values);
-            with_prefix.push(("prefix", prefix.clone()));
-            let _ = writeln!(
-                out,
-                "respwatch_errors_total{} {count}",
-                labels(&with_prefix)
+        Kind::Counter,
+    ),
+    (
+        "respwatch_stats_rows",
+        "Rows the daemon keeps (process, peer, role, command); rows of exited processes expire.",
+        Kind::Gauge,
+    ),
+    (
+        "respwatch_kubernetes_synced",
+        "1 when the node's pod watcher is in sync with the API server.",
+        Kind::Gauge,
+    ),
+    (
+        "respwatch_pod_info",
+        "Pods on this node the daemon knows: namespace, pod, workload and its kind.",
+        Kind::Gauge,
+    ),
+    (
+        "respwatch_lost_total",
+        "Data that went missing, by source and reason (ring buffer: kernel records; decoder: resynchronisations; pending requests: given up so memory stays bounded; subscriber queue: events).",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_mid_stream_skipped_bytes_total",
+        "Bytes of connections open before the daemon, skipped until their first message start.",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_replicated_commands_total",
+        "Commands masters propagated to replicas on this node's replication links (not requests of either end).",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_replicated_bytes_total",
+        "Bytes of replication streams: snapshots and propagated commands.",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_lost_bytes_total",
+        "Stream bytes lost: holes never filled (ring buffer full, segments never seen) and stream ends never delivered.",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_kernel_lost_bytes_total",
+        "Payload bytes the kernel could not put in a ring (ring buffer full).",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_duplicate_bytes_total",
+        "Retransmitted (or twice-seen) bytes dropped because they had been delivered once.",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_reorder_held_bytes",
+        "Bytes of out-of-order segments waiting for a hole before them to fill.",
+        Kind::Gauge,
+    ),
+    (
+        "respwatch_late_records_total",
+        "Kernel records that arrived after newer ones had been handed on.",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_closes_deferred_total",
+        "Connection ends that did not fit in a ring and waited in the kernel's overflow map.",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_not_resp_connections_total",
+        "Connections whose first bytes looked like RESP but whose replies were not (memcached, POP3 ...): dropped.",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_desync_bytes_total",
+        "Bytes skipped while the decoder resynchronised.",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_records_total",
+        "Records received from the kernel.",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_socket_bytes_total",
+        "RESP socket bytes seen.",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_events_total",
+        "Command events decoded.",
+        Kind::Counter,
+    ),
+    (
+        "respwatch_tracked_connections",
+        "Connections currently tracked.",
+        Kind::Gauge,
+    ),
+    (
+        "respwatch_kernel_excluded_cgroups",
+        "Cgroups outside --namespaces that the kernel programs no longer look at.",
+        Kind::Gauge,
+    ),
+    (
+        "respwatch_watch_subscribers",
+        "Open Watch streams.",
+        Kind::Gauge,
+    ),
+    (
+        "respwatch_uptime_seconds",
+        "Seconds since the daemon started.",
+        Kind::Gauge,
+    ),
+    (
+        "respwatch_build_info",
+        "Always 1; labels carry the version and node.",
+        Kind::Gauge,
+    ),
+    (
+        "respwatch_metrics_flush_seconds",
+        "Time the last feed of these metrics from the rows took.",
+        Kind::Gauge,
+    ),
+    (
+        "respwatch_metrics_series",
+        "Per-command series exported (label sets of respwatch_commands_total).",
+        Kind::Gauge,
+    ),
+];
+
+#[derive(Clone, Copy)]
+enum Kind {
+    Counter,
+    Gauge,
+}
+
+/// A series of the per-command metrics: what its rows counted (expired ones included) and its
+/// handles in the recorder.
+struct Series {
+    totals: Totals,
+    handles: Option<SeriesHandles>,
+}
+
+struct SeriesHandles {
+    labels: Vec<MetricLabel>,
+    /// The labels as the exporter writes them, for the histogram lines written here.
+    label_set: LabelSet,
+    calls: Counter,
+    rejected: Counter,
+    failed: Counter,
+    bytes_in: Counter,
+    bytes_out: Counter,
+    errors: HashMap<String, Counter>,
+}
+
+impl SeriesHandles {
+    fn register(recorder: &PrometheusRecorder, chosen: &MetricLabels, values: &[String]) -> Self {
+        let labels: Vec<MetricLabel> = chosen
+            .0
+            .iter()
+            .zip(values)
+            .map(|(label, value)| MetricLabel::new(label.name(), value.clone()))
+            .collect();
+        let counter = |name: &'static str| {
+            recorder.register_counter(&Key::from_parts(name, labels.clone()), &METADATA)
+        };
+        let label_set = LabelSet::from_key_and_global(
+            &Key::from_parts(DURATION, labels.clone()),
+            &indexmap::IndexMap::new(),
+        );
+        SeriesHandles {
+            calls: counter(COMMANDS),
+            rejected: counter(REJECTED),
+            failed: counter(FAILED),
+            bytes_in: counter(IN_BYTES),
+            bytes_out: counter(OUT_BYTES),
+            errors: HashMap::new(),
+            label_set,
+            labels,
+        }
+    }
+
+    /// Sets every counter to the series' totals (this also tells the recorder the series lives).
+    fn set(&mut self, recorder: &PrometheusRecorder, totals: &Totals) {
+        self.calls.absolute(totals.calls);
+        self.rejected.absolute(totals.rejected_calls);
+        self.failed.absolute(totals.failed_calls);
+        self.bytes_in.absolute(totals.bytes_in);
+        self.bytes_out.absolute(totals.bytes_out);
+        for (prefix, count) in &totals.errors {
+            let counter = self.errors.entry(prefix.clone()).or_insert_with(|| {
+                let mut labels = self.labels.clone();
+                labels.push(MetricLabel::new("prefix", prefix.clone()));
+                recorder.register_counter(&Key::from_parts(ERRORS, labels), &METADATA)
+            });
+            counter.absolute(*count);
+        }
+    }
+}
+
+#[derive(Default)]
+struct Tables {
+    series: HashMap<Vec<String>, Series>,
+    flushes: u32,
+}
+
+/// The recorder, the series fed into it, and the exposition.
+pub struct Exporter {
+    recorder: PrometheusRecorder,
+    handle: PrometheusHandle,
+    chosen: MetricLabels,
+    tables: Mutex<Tables>,
+}
+
+impl Exporter {
+    pub fn new(chosen: MetricLabels) -> Self {
+        let recorder = PrometheusBuilder::new()
+            .idle_timeout(MetricKindMask::ALL, Some(IDLE_TIMEOUT))
+            .build_recorder();
+        for (name, help, kind) in DESCRIBED {
+            let name = metrics::KeyName::from_const_str(name);
+            let help = metrics::SharedString::const_str(help);
+            match kind {
+                Kind::Counter => recorder.describe_counter(name, None, help),
+                Kind::Gauge => recorder.describe_gauge(name, None, help),
+            }
+        }
+        Exporter {
+            handle: recorder.handle(),
+            recorder,
+            chosen,
+            tables: Mutex::new(Tables::default()),
+        }
+    }
+
+    pub fn labels(&self) -> &MetricLabels {
+        &self.chosen
+    }
+
+    fn tables(&self) -> std::sync::MutexGuard<'_, Tables> {
+        self.tables.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Feeds the recorder: what rows counted since the last flush (the aggregation's lock is
+    /// held only to take that), then the daemon's own counters.
+    pub fn flush(&self, state: &ServeState) {
+        let started = std::time::Instant::now();
+        let attributor = &state.shared.attributor;
+        let mut changed = Vec::new();
+        let rows = {
+            let Ok(mut aggregator) = state.shared.aggregator.lock() else {
+                return;
+            };
+            aggregator.drain_changes(|key, delta| {
+                changed.push((series_values(key, &self.chosen, attributor), delta.clone()));
+            });
+            aggregator.rows()
+        };
+        let mut tables = self.tables();
+        tables.flushes = tables.flushes.wrapping_add(1);
+        let reregister = tables.flushes.is_multiple_of(REREGISTER_EVERY);
+        for (values, delta) in changed {
+            tables
+                .series
+                .entry(values)
+                .or_insert_with(|| Series {
+                    totals: Totals::default(),
+                    handles: None,
+                })
+                .totals
+                .add(&delta);
+        }
+        for (values, series) in &mut tables.series {
+            if reregister {
+                series.handles = None;
+            }
+            series
+                .handles
+                .get_or_insert_with(|| {
+                    SeriesHandles::register(&self.recorder, &self.chosen, values)
+                })
+                .set(&self.recorder, &series.totals);
+        }
+        let series = tables.series.len();
+        drop(tables);
+        self.gauge("respwatch_stats_rows", vec![], rows as f64);
+        self.gauge("respwatch_metrics_series", vec![], series as f64);
+        self.flush_kubernetes(state);
+        self.flush_daemon(state);
+        self.gauge(
+            "respwatch_metrics_flush_seconds",
+            vec![],
+            started.elapsed().as_secs_f64(),
+        );
+    }
+
+    /// Forgets series that no row counts in any more (their rows expired, or moved to another
+    /// series when their pod became known); they leave the exposition after [`IDLE_TIMEOUT`].
+    pub fn forget_series_without_rows(&self, live_rows: &[RowKey], attributor: &Attributor) {
+        let live: HashSet<Vec<String>> = live_rows
+            .iter()
+            .map(|key| series_values(key, &self.chosen, attributor))
+            .collect();
+        self.tables()
+            .series
+            .retain(|values, _| live.contains(values));
+    }
+
+    fn counter(&self, name: &'static str, labels: Vec<MetricLabel>, value: u64) {
+        self.recorder
+            .register_counter(&Key::from_parts(name, labels), &METADATA)
+            .absolute(value);
+    }
+
+    fn gauge(&self, name: &'static str, labels: Vec<MetricLabel>, value: f64) {
+        self.recorder
+            .register_gauge(&Key::from_parts(name, labels), &METADATA)
+            .set(value);
+    }
+
+    /// The pod watcher: whether it is in sync, and one info series per known pod (to join pod
+    /// labels and workloads onto the command series in PromQL).
+    fn flush_kubernetes(&self, state: &ServeState) {
+        let Some(pods) = state.shared.attributor.pods() else {
+            return;
+        };
+        self.gauge(
+            "respwatch_kubernetes_synced",
+            vec![],
+            f64::from(u8::from(pods.is_synced())),
+        );
+        for pod in pods.pods() {
+            let labels = vec![
+                MetricLabel::new("namespace", pod.namespace.clone()),
+                MetricLabel::new("pod", pod.name.clone()),
+                MetricLabel::new("workload", pod.workload.clone()),
+                MetricLabel::new("workload_kind", pod.workload_kind.clone()),
+            ];
+            self.gauge("respwatch_pod_info", labels, 1.0);
+        }
+    }
+
+    /// The daemon's own counters: losses by source, connections, events, subscribers.
+    fn flush_daemon(&self, state: &ServeState) {
+        let counters = &state.shared.counters;
+        let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        let lost = |source: &'static str, reason: &'static str| {
+            vec![
+                MetricLabel::new("source", source),
+                MetricLabel::new("reason", reason),
+            ]
+        };
+        for reason in LossReason::ALL {
+            self.counter(
+                "respwatch_lost_total",
+                lost("ring_buffer", reason.name()),
+                load(&counters.kernel_losses[reason as usize]),
             );
         }
-    }
-    let name = "respwatch_command_duration_seconds";
-    header(
-        &mut out,
-        name,
-        "histogram",
-        "Command latency: request read to reply written (server), request written to reply read (client).",
-    );
-    // The last bound stands for +Inf (about 146 years: every bucket that can hold a latency).
-    let bounds_ns: Vec<u64> = BUCKETS_SECONDS
-        .iter()
-        .map(|s| (s * 1e9) as u64)
-        .chain([u64::MAX >> 2])
-        .collect();
-    for (values, stats) in &series {
-        let cumulative = stats.histogram.cumulative(&bounds_ns);
-        let count = cumulative.last().copied().unwrap_or_default();
-        for (bound, in_bucket) in BUCKETS_SECONDS.iter().zip(&cumulative) {
-            let mut with_le = pairs(values);
-            with_le.push(("le", bound.to_string()));
-            let _ = writeln!(out, "{name}_bucket{} {in_bucket}", labels(&with_le));
+        self.counter(
+            "respwatch_lost_total",
+            lost("decoder_desync", "desync"),
+            load(&counters.desyncs),
+        );
+        // Requests given up unpaired so that memory stays bounded.
+        self.counter(
+            "respwatch_lost_total",
+            lost("pending_requests", "queue_overflow"),
+            load(&counters.overflowed),
+        );
+        self.counter(
+            "respwatch_lost_total",
+            lost("pending_requests", "memory_budget"),
+            load(&counters.over_budget),
+        );
+        self.counter(
+            "respwatch_lost_total",
+            lost("subscriber_queue", "dropped"),
+            load(&state.subscriber_drops),
+        );
+        let counted = [
+            (
+                "respwatch_mid_stream_skipped_bytes_total",
+                &counters.mid_stream_skipped_bytes,
+            ),
+            (
+                "respwatch_replicated_commands_total",
+                &counters.replicated_commands,
+            ),
+            (
+                "respwatch_replicated_bytes_total",
+                &counters.replicated_bytes,
+            ),
+            ("respwatch_lost_bytes_total", &counters.lost_bytes),
+            (
+                "respwatch_kernel_lost_bytes_total",
+                &counters.kernel_lost_bytes,
+            ),
+            ("respwatch_duplicate_bytes_total", &counters.duplicate_bytes),
+            ("respwatch_late_records_total", &counters.late_records),
+            ("respwatch_closes_deferred_total", &counters.closes_deferred),
+            ("respwatch_not_resp_connections_total", &counters.not_resp),
+            ("respwatch_desync_bytes_total", &counters.desync_bytes),
+            ("respwatch_records_total", &counters.records),
+            ("respwatch_socket_bytes_total", &counters.bytes),
+            ("respwatch_events_total", &counters.events),
+        ];
+        for (name, value) in counted {
+            self.counter(name, vec![], load(value));
         }
-        let mut with_le = pairs(values);
-        with_le.push(("le", "+Inf".to_owned()));
-        let _ = writeln!(out, "{name}_bucket{} {count}", labels(&with_le));
-        let _ = writeln!(
-            out,
-            "{name}_sum{} {}",
-            labels(&pairs(values)),
-            stats.latency_ns as f64 / 1e9
-        );
-        let _ = writeln!(out, "{name}_count{} {count}", labels(&pairs(values)));
-    }
-    header(
-        &mut out,
-        "respwatch_stats_rows",
-        "gauge",
-        "Rows the daemon keeps (process, peer, role, command); rows of exited processes expire.",
-    );
-    let _ = writeln!(out, "respwatch_stats_rows {row_count}");
-    render_daemon(&mut out, state);
-    out
-}
-
-/// The pod watcher: whether it is in sync, and one info series per known pod (to join pod
-/// labels and workloads onto the command series in PromQL).
-fn render_kubernetes(out: &mut String, state: &ServeState) {
-    let Some(pods) = state.shared.attributor.pods() else {
-        return;
-    };
-    header(
-        out,
-        "respwatch_kubernetes_synced",
-        "gauge",
-        "1 when the node's pod watcher is in sync with the API server.",
-    );
-    let _ = writeln!(
-        out,
-        "respwatch_kubernetes_synced {}",
-        u8::from(pods.is_synced())
-    );
-    header(
-        out,
-        "respwatch_pod_info",
-        "gauge",
-        "Pods on this node the daemon knows: namespace, pod, workload and its kind.",
-    );
-    let mut known = pods.pods();
-    known.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-    for pod in known {
-        let pairs = [
-            ("namespace", pod.namespace.clone()),
-            ("pod", pod.name.clone()),
-            ("workload", pod.workload.clone()),
-            ("workload_kind", pod.workload_kind.clone()),
+        let gauges = [
+            ("respwatch_reorder_held_bytes", load(&counters.held_bytes)),
+            (
+                "respwatch_tracked_connections",
+                load(&counters.tracked_connections),
+            ),
+            (
+                "respwatch_kernel_excluded_cgroups",
+                load(&counters.excluded_cgroups),
+            ),
+            ("respwatch_watch_subscribers", load(&state.subscribers)),
+            (
+                "respwatch_uptime_seconds",
+                state.started.elapsed().as_secs(),
+            ),
         ];
-        let _ = writeln!(out, "respwatch_pod_info{} 1", labels(&pairs));
-    }
-}
-
-/// The daemon's own counters: losses by source, connections, events, subscribers.
-fn render_daemon(out: &mut String, state: &ServeState) {
-    render_kubernetes(out, state);
-    let counters = &state.shared.counters;
-    let load = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-    header(
-        out,
-        "respwatch_lost_total",
-        "counter",
-        "Data that went missing, by source and reason (ring buffer: kernel records; decoder: resynchronisations; subscriber queue: events).",
-    );
-    for reason in LossReason::ALL {
-        let pairs = [
-            ("source", "ring_buffer".to_owned()),
-            ("reason", reason.name().to_owned()),
-        ];
-        let _ = writeln!(
-            out,
-            "respwatch_lost_total{} {}",
-            labels(&pairs),
-            load(&counters.kernel_losses[reason as usize])
+        for (name, value) in gauges {
+            self.gauge(name, vec![], value as f64);
+        }
+        self.gauge(
+            "respwatch_build_info",
+            vec![
+                MetricLabel::new("version", state.version),
+                MetricLabel::new("node", state.node.clone()),
+            ],
+            1.0,
         );
     }
-    let desync = [
-        ("source", "decoder_desync".to_owned()),
-        ("reason", "desync".to_owned()),
-    ];
-    let _ = writeln!(
-        out,
-        "respwatch_lost_total{} {}",
-        labels(&desync),
-        load(&counters.desyncs)
-    );
-    // Requests given up unpaired so that memory stays bounded.
-    for (reason, count) in [
-        ("queue_overflow", &counters.overflowed),
-        ("memory_budget", &counters.over_budget),
-    ] {
-        let pending = [
-            ("source", "pending_requests".to_owned()),
-            ("reason", reason.to_owned()),
-        ];
-        let _ = writeln!(
-            out,
-            "respwatch_lost_total{} {}",
-            labels(&pending),
-            load(count)
-        );
+
+    /// The exposition (text format 0.0.4): the recorder's, then the latency histograms.
+    pub fn render(&self) -> String {
+        let mut out = self.handle.render();
+        let tables = self.tables();
+        write_help_line(&mut out, DURATION, None, None, DURATION_HELP);
+        write_type_line(&mut out, DURATION, None, None, "histogram");
+        for series in tables.series.values() {
+            let Some(handles) = &series.handles else {
+                continue;
+            };
+            let (labels, totals) = (&handles.label_set, &series.totals);
+            for (bound, below) in LATENCY_BOUNDS_NS.iter().zip(totals.below) {
+                let le = (*bound as f64 / 1e9).to_string();
+                write_metric_line(
+                    &mut out,
+                    DURATION,
+                    Some("bucket"),
+                    labels,
+                    Some(("le", le)),
+                    below,
+                    None,
+                );
+            }
+            write_metric_line(
+                &mut out,
+                DURATION,
+                Some("bucket"),
+                labels,
+                Some(("le", "+Inf")),
+                totals.latencies,
+                None,
+            );
+            write_metric_line::<&str, f64>(
+                &mut out,
+                DURATION,
+                Some("sum"),
+                labels,
+                None,
+                totals.latency_ns as f64 / 1e9,
+                None,
+            );
+            write_metric_line::<&str, u64>(
+                &mut out,
+                DURATION,
+                Some("count"),
+                labels,
+                None,
+                totals.latencies,
+                None,
+            );
+        }
+        out
     }
-    let queue = [
-        ("source", "subscriber_queue".to_owned()),
-        ("reason", "dropped".to_owned()),
-    ];
-    let _ = writeln!(
-        out,
-        "respwatch_lost_total{} {}",
-        labels(&queue),
-        load(&state.subscriber_drops)
-    );
-    let simple: [(&str, &str, &str, u64); 18] = [
-        (
-            "respwatch_mid_stream_skipped_bytes_total",
-            "counter",
-            "Bytes of connections open before the daemon, skipped until their first message start.",
-            load(&counters.mid_stream_skipped_bytes),
-        ),
-        (
-            "respwatch_replicated_commands_total",
-            "counter",
-            "Commands masters propagated to replicas on this node's replication links (not requests of either end).",
-            load(&counters.replicated_commands),
-        ),
-        (
-            "respwatch_replicated_bytes_total",
-            "counter",
-            "Bytes of replication streams: snapshots and propagated commands.",
-            load(&counters.replicated_bytes),
-        ),
-        (
-            "respwatch_lost_bytes_total",
-            "counter",
-            "Stream bytes lost: holes never filled (ring buffer full, segments never seen) and stream ends never delivered.",
-            load(&counters.lost_bytes),
-        ),
-        (
-            "respwatch_kernel_lost_bytes_total",
-            "counter",
-            "Payload bytes the kernel could not put in a ring (ring buffer full).",
-            load(&counters.kernel_lost_bytes),
-        ),
-        (
-            "respwatch_duplicate_bytes_total",
-            "counter",
-            "Retransmitted (or twice-seen) bytes dropped because they had been delivered once.",
-            load(&counters.duplicate_bytes),
-        ),
-        (
-            "respwatch_reorder_held_bytes",
-            "gauge",
-            "Bytes of out-of-order segments waiting for a hole before them to fill.",
-            load(&counters.held_bytes),
-        ),
-        (
-            "respwatch_late_records_total",
-            "counter",
-            "Kernel records that arrived after newer ones had been handed on.",
-            load(&counters.late_records),
-        ),
-        (
-            "respwatch_closes_deferred_total",
-            "counter",
-            "Connection ends that did not fit in a ring and waited in the kernel's overflow map.",
-            load(&counters.closes_deferred),
-        ),
-        (
-            "respwatch_not_resp_connections_total",
-            "counter",
-            "Connections whose first bytes looked like RESP but whose replies were not (memcached, POP3 ...): dropped.",
-            load(&counters.not_resp),
-        ),
-        (
-            "respwatch_desync_bytes_total",
-            "counter",
-            "Bytes skipped while the decoder resynchronised.",
-            load(&counters.desync_bytes),
-        ),
-        (
-            "respwatch_records_total",
-            "counter",
-            "Records received from the kernel.",
-            load(&counters.records),
-        ),
-        (
-            "respwatch_socket_bytes_total",
-            "counter",
-            "RESP socket bytes seen.",
-            load(&counters.bytes),
-        ),
-        (
-            "respwatch_events_total",
-            "counter",
-            "Command events decoded.",
-            load(&counters.events),
-        ),
-        (
-            "respwatch_tracked_connections",
-            "gauge",
-            "Connections currently tracked.",
-            load(&counters.tracked_connections),
-        ),
-        (
-            "respwatch_kernel_excluded_cgroups",
-            "gauge",
-            "Cgroups outside --namespaces that the kernel programs no longer look at.",
-            load(&counters.excluded_cgroups),
-        ),
-        (
-            "respwatch_watch_subscribers",
-            "gauge",
-            "Open Watch streams.",
-            load(&state.subscribers),
-        ),
-        (
-            "respwatch_uptime_seconds",
-            "gauge",
-            "Seconds since the daemon started.",
-            state.started.elapsed().as_secs(),
-        ),
-    ];
-    for (name, kind, help, value) in simple {
-        header(out, name, kind, help);
-        let _ = writeln!(out, "{name} {value}");
-    }
-    header(
-        out,
-        "respwatch_build_info",
-        "gauge",
-        "Always 1; labels carry the version and node.",
-    );
-    let info = [
-        ("version", state.version.to_owned()),
-        ("node", state.node.clone()),
-    ];
-    let _ = writeln!(out, "respwatch_build_info{} 1", labels(&info));
 }
 
-/// Binds `addr` and serves `GET /metrics` (HTTP/1.1, one request per connection).
+/// Binds `addr` and serves `GET /metrics` until `stop`.
 pub async fn start(
     state: Arc<ServeState>,
     addr: SocketAddr,
-    chosen: MetricLabels,
     stop: signal::Receiver<bool>,
 ) -> anyhow::Result<(SocketAddr, tokio::task::JoinHandle<anyhow::Result<()>>)> {
     let listener = TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
-    tracing::info!(addr = %bound, labels = %chosen, "metrics listening on /metrics");
-    let chosen = Arc::new(chosen);
-    let renders = Arc::new(tokio::sync::Mutex::new(()));
+    tracing::info!(addr = %bound, labels = %state.exporter.labels(), "metrics listening on /metrics");
+    let router = router(state);
     let task = tokio::spawn(async move {
         let shutdown = stopped(stop);
         tokio::pin!(shutdown);
@@ -585,11 +710,9 @@ pub async fn start(
             tokio::select! {
                 accepted = listener.accept() => match accepted {
                     Ok((stream, _)) => {
-                        let (state, chosen) = (Arc::clone(&state), Arc::clone(&chosen));
-                        let renders = Arc::clone(&renders);
+                        let router = router.clone();
                         tokio::spawn(async move {
-                            let handled = handle(stream, &state, &chosen, &renders, WRITE_TIMEOUT);
-                            if let Err(error) = handled.await {
+                            if let Err(error) = serve_connection(stream, router, CONNECTION_TIMEOUT).await {
                                 tracing::debug!(%error, "metrics request");
                             }
                         });
@@ -606,75 +729,41 @@ pub async fn start(
     Ok((bound, task))
 }
 
-/// How long a scraper has to take a response: one that stops reading is dropped, so it holds
-/// no rendered text (and no connection) beyond this.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `/metrics`, and a line at `/` saying where they are.
+fn router(state: Arc<ServeState>) -> Router {
+    Router::new()
+        .route("/metrics", get(scrape))
+        .route("/", get(|| async { "respwatchd: metrics at /metrics\n" }))
+        .with_state(state)
+}
 
-/// `renders`: one render at a time, however many scrapers come at once (each render holds the
-/// aggregation a moment and builds the whole text).
-async fn handle(
-    mut stream: TcpStream,
-    state: &ServeState,
-    chosen: &MetricLabels,
-    renders: &tokio::sync::Mutex<()>,
-    write_timeout: Duration,
+async fn scrape(State(state): State<Arc<ServeState>>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        state.exporter.render(),
+    )
+}
+
+/// How long a scraper has from connecting to taking the whole response: one that sends
+/// nothing, or stops reading, is dropped, so it holds no rendered text (and no connection)
+/// beyond this.
+const CONNECTION_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// One request per connection (as Prometheus' scrapes need no more), within `timeout`.
+async fn serve_connection(
+    stream: TcpStream,
+    router: Router,
+    timeout: Duration,
 ) -> anyhow::Result<()> {
-    let mut request = Vec::with_capacity(1024);
-    let mut buf = [0u8; 1024];
-    let read_head = async {
-        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
-            let n = stream.read(&mut buf).await?;
-            if n == 0 || request.len() > 16 * 1024 {
-                anyhow::bail!("incomplete request");
-            }
-            request.extend_from_slice(&buf[..n]);
-        }
-        Ok(())
-    };
-    tokio::time::timeout(Duration::from_secs(10), read_head).await??;
-    let line = String::from_utf8_lossy(request.split(|b| *b == b'\n').next().unwrap_or_default())
-        .into_owned();
-    let mut parts = line.split_whitespace();
-    let (method, target) = (
-        parts.next().unwrap_or_default(),
-        parts.next().unwrap_or_default(),
-    );
-    let path = target.split('?').next().unwrap_or_default();
-    let (status, content_type, body) = match (method, path) {
-        ("GET" | "HEAD", "/metrics") => ("200 OK", "text/plain; version=0.0.4; charset=utf-8", {
-            let _one_at_a_time = renders.lock().await;
-            render(state, chosen)
-        }),
-        ("GET" | "HEAD", "/") => (
-            "200 OK",
-            "text/plain; charset=utf-8",
-            "respwatchd: metrics at /metrics\n".to_owned(),
-        ),
-        ("GET" | "HEAD", _) => (
-            "404 Not Found",
-            "text/plain; charset=utf-8",
-            "not found\n".to_owned(),
-        ),
-        _ => (
-            "405 Method Not Allowed",
-            "text/plain; charset=utf-8",
-            "only GET\n".to_owned(),
-        ),
-    };
-    let head = format!(
-        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
-        body.len()
-    );
-    let respond = async {
-        stream.write_all(head.as_bytes()).await?;
-        if method != "HEAD" {
-            stream.write_all(body.as_bytes()).await?;
-        }
-        stream.shutdown().await
-    };
-    match tokio::time::timeout(write_timeout, respond).await {
-        Ok(written) => Ok(written?),
-        Err(_) => anyhow::bail!("the scraper did not take the response within {write_timeout:?}"),
+    let connection = hyper::server::conn::http1::Builder::new()
+        .keep_alive(false)
+        .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
+    match tokio::time::timeout(timeout, connection).await {
+        Ok(served) => Ok(served?),
+        Err(_) => anyhow::bail!("the scraper did not take the response within {timeout:?}"),
     }
 }
 
@@ -686,31 +775,19 @@ mod tests {
         pipeline::{PipelineConfig, Shared},
         test_support::{conn, event},
     };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A scraper that asks and then takes nothing is dropped after the write timeout, and
-    /// holds up no other scraper meanwhile (the render is not held while writing). Both sockets
-    /// get small buffers, so the response really cannot be written.
-    #[tokio::test]
-    async fn a_scraper_that_stops_reading_is_dropped_and_holds_up_no_other() {
+    fn state_with(labels: &str) -> Arc<ServeState> {
         let shared = Arc::new(Shared::new(
             PipelineConfig::default(),
             Attributor::default(),
         ));
-        let now = crate::serve::now_unix_ns() / 1_000_000_000;
-        let events: Vec<_> = (0..2000u32)
-            .map(|pid| event(&conn(u64::from(pid), pid), "get", now, 1_000))
-            .collect();
-        shared
-            .aggregator
-            .lock()
-            .expect("lock")
-            .record_batch(&events, 0, |e| shared.row_key(e));
         let config = crate::serve::ServeConfig {
             grpc_listen: crate::serve::ListenAddr::Unix("/unused".into()),
             metrics_listen: "127.0.0.1:0".parse().expect("addr"),
             node_name: "test".into(),
             tls: None,
-            metric_labels: "pid,command".parse().expect("labels"),
+            metric_labels: labels.parse().expect("labels"),
             expire_after: Duration::from_secs(300),
             watch_queue: 1,
             max_subscribers: 1,
@@ -718,9 +795,179 @@ mod tests {
             health_listen: None,
             reflection: false,
         };
-        let state = ServeState::new(shared, &config, Vec::new());
-        let chosen = config.metric_labels.clone();
-        let renders = tokio::sync::Mutex::new(());
+        ServeState::new(shared, &config, Vec::new())
+    }
+
+    fn record(state: &ServeState, events: &[crate::event::CommandEvent]) {
+        state
+            .shared
+            .aggregator
+            .lock()
+            .expect("lock")
+            .record_batch(events, 0, |e| state.shared.row_key(e));
+    }
+
+    /// The sum of a metric's samples whose line starts with `series`.
+    fn total(exposition: &str, series: &str) -> f64 {
+        exposition
+            .lines()
+            .filter(|line| line.starts_with(series))
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    /// After each flush, `/metrics` holds what `GetStats` reads from the rows: calls, failures,
+    /// bytes and latency per series and in all, across flushes that add to existing series and
+    /// create new ones; and nothing that happened after the flush.
+    #[test]
+    fn each_flush_brings_the_rows_totals_to_the_exposition() {
+        let state = state_with("pid,command");
+        let now = crate::serve::now_unix_ns() / 1_000_000_000;
+        let (one, two) = (conn(1, 101), conn(2, 202));
+        let mut failed = event(&one, "hset", now, 40_000);
+        failed.outcome = respwatch_resp::correlate::Outcome::Failed;
+        let batches = [
+            vec![
+                event(&one, "get", now, 2_000),
+                event(&one, "get", now, 30_000),
+                failed,
+            ],
+            vec![
+                event(&one, "get", now, 700_000),
+                event(&two, "set", now, 3_000_000_000),
+                event(&two, "nosuch", now, 1_000),
+            ],
+        ];
+        for batch in batches {
+            record(&state, &batch);
+            state.exporter.flush(&state);
+            // Counted after the flush: not in this scrape.
+            record(&state, &[event(&two, "del", now, 1_000)]);
+            let text = state.exporter.render();
+            state.exporter.flush(&state);
+            let rows = state.shared.aggregator.lock().expect("lock").query(
+                |_| true,
+                &convert::ALL_GROUP_BY,
+                None,
+            );
+            let sum = |value: fn(&crate::aggregate::RowStats) -> u64| -> f64 {
+                rows.iter().map(|(_, s)| value(s)).sum::<u64>() as f64
+            };
+            assert_eq!(total(&text, COMMANDS), sum(|s| s.calls) - 1.0);
+            assert_eq!(total(&text, FAILED), sum(|s| s.failed_calls));
+            assert_eq!(total(&text, IN_BYTES), sum(|s| s.bytes_in) - 10.0);
+            let text = state.exporter.render();
+            assert_eq!(total(&text, COMMANDS), sum(|s| s.calls));
+            assert_eq!(total(&text, OUT_BYTES), sum(|s| s.bytes_out));
+            for (key, stats) in &rows {
+                let labels = format!(r#"{{pid="{}",command="{}"}}"#, key.pid, key.command);
+                assert_eq!(
+                    total(&text, &format!("{COMMANDS}{labels} ")),
+                    stats.calls as f64,
+                    "{labels}"
+                );
+                assert_eq!(
+                    total(&text, &format!("{DURATION}_count{labels} ")),
+                    stats.histogram.count() as f64,
+                    "{labels}"
+                );
+                let sum_seconds = total(&text, &format!("{DURATION}_sum{labels} "));
+                assert!(
+                    (sum_seconds - stats.latency_ns as f64 / 1e9).abs() < 1e-9,
+                    "{labels}: {sum_seconds}"
+                );
+            }
+        }
+        let text = state.exporter.render();
+        assert_eq!(
+            total(
+                &text,
+                r#"respwatch_command_duration_seconds_bucket{pid="101",command="get",le="0.00001"}"#
+            ),
+            1.0,
+            "2 µs"
+        );
+        assert_eq!(
+            total(
+                &text,
+                r#"respwatch_command_duration_seconds_bucket{pid="101",command="get",le="0.001"}"#
+            ),
+            3.0,
+            "2 µs, 30 µs and 700 µs"
+        );
+        assert_eq!(
+            total(
+                &text,
+                r#"respwatch_command_duration_seconds_bucket{pid="202",command="set",le="2.5"}"#
+            ),
+            0.0
+        );
+        assert_eq!(
+            total(
+                &text,
+                r#"respwatch_command_duration_seconds_bucket{pid="202",command="set",le="5"}"#
+            ),
+            1.0
+        );
+        assert_eq!(
+            total(
+                &text,
+                r#"respwatch_errors_total{pid="101",command="hset",prefix="ERR"}"#
+            ),
+            0.0,
+            "a failure without an error reply counts no prefix"
+        );
+    }
+
+    /// A series keeps what its expired rows counted while another row still counts in it, and
+    /// is forgotten with its last row.
+    #[test]
+    fn a_series_keeps_expired_rows_counts_until_its_last_row_goes() {
+        let state = state_with("command");
+        let now = crate::serve::now_unix_ns() / 1_000_000_000;
+        let (gone, staying) = (conn(1, 101), conn(2, 202));
+        record(
+            &state,
+            &[
+                event(&gone, "get", now - 5, 1_000),
+                event(&gone, "get", now - 5, 1_000),
+            ],
+        );
+        record(&state, &[event(&staying, "get", now, 1_000)]);
+        state.exporter.flush(&state);
+        let expire = |alive: u32, at: u64| {
+            let attributor = &state.shared.attributor;
+            let live: Vec<RowKey> = {
+                let mut aggregator = state.shared.aggregator.lock().expect("lock");
+                aggregator.expire(at * 1_000_000_000, 1_000_000_000, |key| key.pid == alive);
+                aggregator.keys().cloned().collect()
+            };
+            state.exporter.forget_series_without_rows(&live, attributor);
+        };
+        expire(202, now);
+        assert_eq!(state.shared.aggregator.lock().expect("lock").rows(), 1);
+        record(&state, &[event(&staying, "get", now, 1_000)]);
+        state.exporter.flush(&state);
+        let series = r#"respwatch_commands_total{command="get"} "#;
+        assert_eq!(total(&state.exporter.render(), series), 4.0);
+        expire(0, now + 2);
+        state.exporter.flush(&state);
+        assert!(state.exporter.tables().series.is_empty());
+    }
+
+    /// A scraper that asks and then takes nothing is dropped after the timeout, and holds up no
+    /// other scraper meanwhile. Both sockets get small buffers, so the response really cannot
+    /// be written.
+    #[tokio::test]
+    async fn a_scraper_that_stops_reading_is_dropped_and_holds_up_no_other() {
+        let state = state_with("pid,command");
+        let now = crate::serve::now_unix_ns() / 1_000_000_000;
+        let events: Vec<_> = (0..2000u32)
+            .map(|pid| event(&conn(u64::from(pid), pid), "get", now, 1_000))
+            .collect();
+        record(&state, &events);
+        state.exporter.flush(&state);
+        let router = router(Arc::clone(&state));
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("addr");
         let small = tokio::net::TcpSocket::new_v4().expect("socket");
@@ -746,18 +993,18 @@ mod tests {
         let mut other = TcpStream::connect(addr).await.expect("connect");
         let (other_server, _) = listener.accept().await.expect("accept");
         other
-            .write_all(b"GET /metrics HTTP/1.0\r\n\r\n")
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
             .await
             .expect("ask");
         let started = std::time::Instant::now();
-        let write_timeout = Duration::from_secs(2);
+        let timeout = Duration::from_secs(2);
         let stalled_side = async {
-            let result = handle(stalled_server, &state, &chosen, &renders, write_timeout).await;
+            let result = serve_connection(stalled_server, router.clone(), timeout).await;
             (result, started.elapsed())
         };
         let other_side = async {
             let (handled, response) = tokio::join!(
-                handle(other_server, &state, &chosen, &renders, write_timeout),
+                serve_connection(other_server, router.clone(), timeout),
                 async {
                     let mut response = Vec::new();
                     other.read_to_end(&mut response).await.map(|_| response)
@@ -769,18 +1016,59 @@ mod tests {
             tokio::join!(stalled_side, other_side);
         let response = String::from_utf8(response.expect("read")).expect("utf-8");
         handled.expect("the other scrape is answered");
+        assert!(
+            response.starts_with("HTTP/1.1 200 OK"),
+            "{}",
+            &response[..100]
+        );
         assert!(response.len() > 200_000, "{} bytes", response.len());
-        assert!(response.trim_end().ends_with("} 1"), "whole response");
-        assert!(answered_after < write_timeout, "{answered_after:?}");
+        assert!(
+            response.contains(r#"respwatch_commands_total{pid="1999",command="get"} 1"#),
+            "whole response"
+        );
+        assert!(answered_after < timeout, "{answered_after:?}");
         let error = stalled_result.expect_err("the stalled scraper is dropped");
         assert!(
             error.to_string().contains("did not take the response"),
             "{error}"
         );
         assert!(
-            dropped_after >= write_timeout && dropped_after < 4 * write_timeout,
+            dropped_after >= timeout && dropped_after < 4 * timeout,
             "{dropped_after:?}"
         );
+    }
+
+    /// Only GET (and HEAD) of the two paths; anything else is refused as HTTP says.
+    #[tokio::test]
+    async fn other_paths_and_methods_are_refused() {
+        let state = state_with("command");
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        for (request, status) in [
+            ("GET /nothing HTTP/1.1\r\nHost: x\r\n\r\n", "404"),
+            (
+                "POST /metrics HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n",
+                "405",
+            ),
+            ("HEAD /metrics HTTP/1.1\r\nHost: x\r\n\r\n", "200"),
+            ("garbage\r\n\r\n", "400"),
+        ] {
+            let mut client = TcpStream::connect(addr).await.expect("connect");
+            let (server, _) = listener.accept().await.expect("accept");
+            client.write_all(request.as_bytes()).await.expect("ask");
+            let (_, response) = tokio::join!(
+                serve_connection(server, router(Arc::clone(&state)), Duration::from_secs(2)),
+                async {
+                    let mut response = Vec::new();
+                    let _ = client.read_to_end(&mut response).await;
+                    String::from_utf8_lossy(&response).into_owned()
+                }
+            );
+            assert!(
+                response.starts_with(&format!("HTTP/1.1 {status}")),
+                "{request:?}: {response}"
+            );
+        }
     }
 
     #[test]
@@ -797,9 +1085,5 @@ mod tests {
             MetricLabels::default()
         );
         assert!("key".parse::<MetricLabels>().is_err());
-        assert_eq!(
-            labels(&[("a", "x\"y\\\n".to_owned())]),
-            "{a=\"x\\\"y\\\\\\n\"}"
-        );
     }
 }

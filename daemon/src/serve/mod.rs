@@ -111,8 +111,8 @@ pub struct ServeState {
     pub subscribers: AtomicU64,
     /// Matching events Watch subscribers could not take (their queues were full).
     pub subscriber_drops: AtomicU64,
-    /// Counts of expired rows that `/metrics` series still carry.
-    pub retired: metrics::RetiredSeries,
+    /// `/metrics`: the recorder and the series fed into it.
+    pub exporter: metrics::Exporter,
     pub authz: Option<Arc<authz::Authorizer>>,
 }
 
@@ -134,7 +134,7 @@ impl ServeState {
             max_subscribers: config.max_subscribers,
             subscribers: AtomicU64::new(0),
             subscriber_drops: AtomicU64::new(0),
-            retired: metrics::RetiredSeries::default(),
+            exporter: metrics::Exporter::new(config.metric_labels.clone()),
             authz: config.authz.clone(),
         })
     }
@@ -159,20 +159,13 @@ impl Servers {
         let state = ServeState::new(shared, &config, attached);
         let (stop, stopped) = signal::channel(false);
         let grpc = grpc::start(Arc::clone(&state), &config, stopped.clone()).await?;
-        let (metrics_addr, metrics) = metrics::start(
-            Arc::clone(&state),
-            config.metrics_listen,
-            config.metric_labels.clone(),
-            stopped.clone(),
-        )
-        .await
-        .with_context(|| format!("metrics listener on {}", config.metrics_listen))?;
-        let expiry = tokio::spawn(expire_rows(
-            Arc::clone(&state),
-            config.expire_after,
-            config.metric_labels.clone(),
-            stopped,
-        ));
+        // Fed once before the first scrape can come.
+        state.exporter.flush(&state);
+        let (metrics_addr, metrics) =
+            metrics::start(Arc::clone(&state), config.metrics_listen, stopped.clone())
+                .await
+                .with_context(|| format!("metrics listener on {}", config.metrics_listen))?;
+        let expiry = tokio::spawn(maintain(Arc::clone(&state), config.expire_after, stopped));
         Ok(Servers {
             grpc_addr: grpc.addr,
             metrics_addr,
@@ -199,33 +192,43 @@ impl Servers {
     }
 }
 
-async fn expire_rows(
+/// Feeds `/metrics` every [`metrics::FLUSH_INTERVAL`]; rows of exited processes, and of pods
+/// deleted longer than the pod grace period ago, expire once idle for `grace`.
+async fn maintain(
     state: Arc<ServeState>,
     grace: Duration,
-    metric_labels: MetricLabels,
     mut stop: signal::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let mut tick =
-        tokio::time::interval(Duration::from_secs(10).min(grace.max(Duration::from_secs(1))));
+    let mut tick = tokio::time::interval(metrics::FLUSH_INTERVAL);
+    let expire_every = Duration::from_secs(10).min(grace.max(Duration::from_secs(1)));
+    let mut last_expiry = tokio::time::Instant::now();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                let attributor = &state.shared.attributor;
-                // Rows of exited processes, and of pods deleted longer than the pod grace
-                // period ago, expire once idle for `grace`.
-                let expired = match state.shared.aggregator.lock() {
-                    Ok(mut aggregator) => {
-                        aggregator.expire(now_unix_ns(), grace.as_nanos() as u64, |key| {
-                            process_alive(key.pid) && !attributor.pod_gone(key)
-                        })
-                    }
-                    Err(_) => Vec::new(),
-                };
-                state.retired.retire(expired, &metric_labels, attributor);
+                // Flushed first: an expiring row's last counts are in its series.
+                state.exporter.flush(&state);
+                if last_expiry.elapsed() >= expire_every {
+                    last_expiry = tokio::time::Instant::now();
+                    expire_rows(&state, grace);
+                }
             }
             _ = stop.changed() => return Ok(()),
         }
     }
+}
+
+fn expire_rows(state: &ServeState, grace: Duration) {
+    let attributor = &state.shared.attributor;
+    let live: Vec<_> = match state.shared.aggregator.lock() {
+        Ok(mut aggregator) => {
+            aggregator.expire(now_unix_ns(), grace.as_nanos() as u64, |key| {
+                process_alive(key.pid) && !attributor.pod_gone(key)
+            });
+            aggregator.keys().cloned().collect()
+        }
+        Err(_) => return,
+    };
+    state.exporter.forget_series_without_rows(&live, attributor);
 }
 
 impl ServeState {
