@@ -7,14 +7,15 @@
 //! `rejected_calls` += 1, and only when the command exists), `call` + `incrCommandStatsOnError`
 //! (any error reply emitted while the command runs: `calls` and `failed_calls` += 1) and
 //! `afterErrorReply` (the errorstats prefix). They were checked against redis-server 7.0.15.
+//!
+//! Commands are identified through a table of every command Redis and Valkey define, generated
+//! from their own command metadata (see `commands.tsv`): arity, first key and flags by id.
 
 use std::{borrow::Cow, cell::RefCell, collections::HashSet};
 
-/// Container commands of Redis 7.0: their stats rows are `parent|subcommand`.
-pub const CONTAINERS: [&str; 15] = [
-    "acl", "client", "cluster", "command", "config", "function", "latency", "memory", "module",
-    "object", "pubsub", "script", "slowlog", "xgroup", "xinfo",
-];
+mod table;
+
+pub use table::{CommandId, CommandInfo, flag};
 
 /// Where a command's first key is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -40,190 +41,19 @@ pub struct CommandSpec {
     pub key: KeySpec,
 }
 
-const fn spec(arity: i32, key: KeySpec) -> CommandSpec {
-    CommandSpec { arity, key }
-}
-
-/// One `match` arm per name, each yielding its own `'static` literal with its spec, so a name
-/// read off the wire can be replaced by the table's copy instead of being allocated per command.
-macro_rules! command_table {
-    ($name:expr; $( $($literal:literal)|+ => $spec:expr ),* $(,)?) => {
-        match $name {
-            $( $( $literal => Some(($literal, $spec)), )+ )*
-            _ => None,
-        }
-    };
-}
-
-/// Commands with a known spec, by stats name: the table's copy of the name and the spec.
-fn known_command(name: &str) -> Option<(&'static str, CommandSpec)> {
-    use KeySpec::{AfterStreams, Arg, None as N, Numkeys};
-    command_table! { name;
-        // strings
-        "get" | "getdel" | "strlen" | "incr" | "decr" | "type" | "ttl" | "pttl" | "persist"
-        | "dump" | "expiretime" | "pexpiretime" | "llen" | "hlen" | "hkeys" | "hvals"
-        | "hgetall" | "smembers" | "scard" | "zcard" | "xlen" => spec(2, Arg(1)),
-        "set" | "lpos" | "copy" | "expire" | "pexpire" | "expireat" | "pexpireat" | "lcs" => {
-            spec(-3, Arg(1))
-        },
-        "setnx" | "getset" | "append" | "incrby" | "decrby" | "incrbyfloat" | "lindex"
-        | "rename" | "renamenx" | "move" | "hget" | "hexists" | "hstrlen" | "sismember"
-        | "zscore" | "zrank" | "zrevrank" | "getbit" | "rpoplpush" | "publish" | "spublish" => {
-            spec(3, Arg(1))
-        },
-        "setex" | "psetex" | "getrange" | "setrange" | "substr" | "lrange" | "lset" | "lrem"
-        | "ltrim" | "hsetnx" | "hincrby" | "hincrbyfloat" | "smove" | "zincrby" | "zcount"
-        | "zlexcount" | "zremrangebyrank" | "zremrangebyscore" | "zremrangebylex" | "setbit"
-        | "brpoplpush" => spec(4, Arg(1)),
-        "getex" | "lpop" | "rpop" | "spop" | "srandmember" | "zpopmin" | "zpopmax"
-        | "hrandfield" | "zrandmember" | "bitcount" | "bitfield" | "bitfield_ro" | "sort"
-        | "sort_ro" | "pfadd" | "pfcount" | "pfmerge" | "geohash" | "geopos" | "watch" => {
-            spec(-2, Arg(1))
-        },
-        "del" | "unlink" | "exists" | "touch" | "mget" | "sinter" | "sunion" | "sdiff" => {
-            spec(-2, Arg(1))
-        },
-        "mset" | "msetnx" | "lpush" | "rpush" | "lpushx" | "rpushx" | "hmget" | "hdel" | "sadd"
-        | "srem" | "smismember" | "zrem" | "zmscore" | "sinterstore" | "sunionstore"
-        | "sdiffstore" | "hscan" | "sscan" | "zscan" | "xdel" | "blpop" | "brpop" | "bzpopmin"
-        | "bzpopmax" | "bitpos" => spec(-3, Arg(1)),
-        "hset" | "hmset" | "zadd" | "zrange" | "zrevrange" | "zrangebyscore"
-        | "zrevrangebyscore" | "zrangebylex" | "zrevrangebylex" | "xrange" | "xrevrange"
-        | "xack" | "xtrim" | "restore" | "geodist" => spec(-4, Arg(1)),
-        "linsert" | "lmove" => spec(5, Arg(1)),
-        "blmove" => spec(6, Arg(1)),
-        "zunionstore" | "zinterstore" | "zdiffstore" => spec(-4, Arg(1)),
-        "zrangestore" => spec(-5, Arg(1)),
-        "xadd" | "geoadd" | "georadiusbymember" | "georadiusbymember_ro" => spec(-5, Arg(1)),
-        "georadius" | "georadius_ro" | "xclaim" | "xautoclaim" => spec(-6, Arg(1)),
-        "geosearch" => spec(-7, Arg(1)),
-        "geosearchstore" => spec(-8, Arg(1)),
-        "xpending" | "xsetid" => spec(-3, Arg(1)),
-        "bitop" => spec(-4, Arg(2)),
-        "eval" | "evalsha" | "eval_ro" | "evalsha_ro" | "fcall" | "fcall_ro" => {
-            spec(-3, Numkeys(2))
-        },
-        "zunion" | "zinter" | "zdiff" | "zintercard" | "sintercard" => spec(-3, Numkeys(1)),
-        "lmpop" | "zmpop" => spec(-4, Numkeys(1)),
-        "blmpop" | "bzmpop" => spec(-5, Numkeys(2)),
-        "xread" => spec(-4, AfterStreams),
-        "xreadgroup" => spec(-7, AfterStreams),
-        // pub/sub (channels are not keys)
-        "subscribe" | "psubscribe" => spec(-2, N),
-        "ssubscribe" => spec(-2, Arg(1)),
-        "unsubscribe" | "punsubscribe" => spec(-1, N),
-        "sunsubscribe" => spec(-1, Arg(1)),
-        // keyless
-        "ping" | "info" | "hello" | "flushdb" | "flushall" | "bgsave" | "shutdown" | "failover"
-        | "lolwut" | "replconf" | "quit" | "command" => spec(-1, N),
-        "multi" | "exec" | "discard" | "unwatch" | "randomkey" | "dbsize" | "save"
-        | "bgrewriteaof" | "lastsave" | "time" | "role" | "monitor" | "sync" | "readonly"
-        | "readwrite" | "asking" | "reset" => spec(1, N),
-        "echo" | "select" | "keys" => spec(2, N),
-        "auth" | "scan" | "debug" => spec(-2, N),
-        "swapdb" | "slaveof" | "replicaof" | "wait" => spec(3, N),
-        "psync" => spec(-3, N),
-        // container subcommands
-        "client|caching" | "client|no-evict" | "client|reply" | "client|setname" => spec(3, N),
-        "client|getname"
-        | "client|getredir"
-        | "client|id"
-        | "client|info"
-        | "client|trackinginfo"
-        | "client|unpause"
-        | "client|help" => spec(2, N),
-        "client|kill" | "client|pause" | "client|tracking" | "client|unblock" => spec(-3, N),
-        "client|list" => spec(-2, N),
-        "config|get" => spec(-3, N),
-        "config|set" => spec(-4, N),
-        "config|resetstat" | "config|rewrite" | "config|help" => spec(2, N),
-        "object|encoding" | "object|freq" | "object|idletime" | "object|refcount" => {
-            spec(3, Arg(2))
-        },
-        "memory|usage" => spec(-3, Arg(2)),
-        "memory|doctor" | "memory|stats" | "memory|malloc-stats" | "memory|purge" => spec(2, N),
-        "script|load" | "script|debug" => spec(3, N),
-        "script|exists" => spec(-3, N),
-        "script|flush" => spec(-2, N),
-        "script|kill" => spec(2, N),
-        "function|load" | "function|restore" => spec(-3, N),
-        "function|delete" => spec(3, N),
-        "function|flush" | "function|list" => spec(-2, N),
-        "function|dump" | "function|stats" | "function|kill" => spec(2, N),
-        "xinfo|stream" => spec(-3, Arg(2)),
-        "xinfo|groups" => spec(3, Arg(2)),
-        "xinfo|consumers" => spec(4, Arg(2)),
-        "xgroup|create" | "xgroup|setid" => spec(-5, Arg(2)),
-        "xgroup|createconsumer" | "xgroup|delconsumer" => spec(5, Arg(2)),
-        "xgroup|destroy" => spec(4, Arg(2)),
-        "acl|whoami" | "acl|list" | "acl|load" | "acl|save" | "acl|users" => spec(2, N),
-        "acl|cat" | "acl|genpass" | "acl|log" => spec(-2, N),
-        "acl|deluser" | "acl|setuser" => spec(-3, N),
-        "acl|getuser" => spec(3, N),
-        "acl|dryrun" => spec(-4, N),
-        "command|count" => spec(2, N),
-        "command|docs" | "command|info" | "command|list" => spec(-2, N),
-        "command|getkeys" | "command|getkeysandflags" => spec(-3, N),
-        "latency|doctor" | "latency|latest" => spec(2, N),
-        "latency|graph" | "latency|history" => spec(3, N),
-        "latency|histogram" | "latency|reset" => spec(-2, N),
-        "pubsub|channels" | "pubsub|numsub" | "pubsub|shardchannels" | "pubsub|shardnumsub" => {
-            spec(-2, N)
-        },
-        "pubsub|numpat" => spec(2, N),
-        "slowlog|get" => spec(-2, N),
-        "slowlog|len" | "slowlog|reset" => spec(2, N),
-        "module|list" => spec(2, N),
-        "module|load" | "module|loadex" => spec(-3, N),
-        "module|unload" => spec(3, N),
-        "cluster|info" | "cluster|nodes" | "cluster|slots" | "cluster|shards" | "cluster|myid"
-        | "cluster|links" | "cluster|saveconfig" | "cluster|bumpepoch" | "cluster|flushslots" => {
-            spec(2, N)
-        },
-        "cluster|keyslot"
-        | "cluster|countkeysinslot"
-        | "cluster|forget"
-        | "cluster|replicate"
-        | "cluster|replicas"
-        | "cluster|slaves"
-        | "cluster|set-config-epoch"
-        | "cluster|count-failure-reports" => spec(3, N),
-        "cluster|getkeysinslot" => spec(4, N),
-        "cluster|addslots" | "cluster|delslots" => spec(-3, N),
-        "cluster|meet" | "cluster|setslot" | "cluster|addslotsrange" | "cluster|delslotsrange" => {
-            spec(-4, N)
-        },
-        "cluster|reset" | "cluster|failover" => spec(-2, N),
-    }
-}
-
 /// Arity and key position of a command by its stats name (`get`, `config|get`).
-/// `None` for commands this table does not know (modules, newer versions).
+/// `None` for commands the table does not have (modules', a typo).
 pub fn command_spec(name: &str) -> Option<CommandSpec> {
-    match known_command(name) {
-        Some((_, spec)) => Some(spec),
-        None => unlisted_spec(name),
-    }
+    CommandId::lookup(name.as_bytes()).map(|id| id.info().spec())
 }
 
-/// Specs of names the table does not list one by one.
-fn unlisted_spec(name: &str) -> Option<CommandSpec> {
-    if name.ends_with("|help") {
-        // any `help` subcommand
-        Some(spec(2, KeySpec::None))
-    } else if CONTAINERS.contains(&name) {
-        // containers themselves (hit only when no subcommand was given)
-        Some(spec(-2, KeySpec::None))
-    } else {
-        None
-    }
-}
-
-/// A command as read off the wire: its stats name and, when known, its spec.
+/// A command as read off the wire: its stats name and, when the table has it, its id and spec.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Identified {
     /// See [`identify`].
     pub name: Cow<'static, str>,
+    /// The table's entry for `name`.
+    pub id: Option<CommandId>,
     /// As [`command_spec`] gives it for `name`, found by the same lookup.
     pub spec: Option<CommandSpec>,
 }
@@ -241,47 +71,50 @@ fn lower_into(dst: &mut [u8], s: &[u8]) -> usize {
     len
 }
 
-/// The name Redis 7 uses in `INFO commandstats` for a command with arguments `args` (kept
+/// The name Redis uses in `INFO commandstats` for a command with arguments `args` (kept
 /// prefixes; `args[0]` is the command) and `argc` arguments in total: lower case, and
 /// `parent|sub` for container commands given a subcommand. A container without subcommand is
 /// reported as the container itself (Redis rejects it for arity against that row).
 ///
-/// Names the command table knows come back borrowed from it, with their spec from the same
+/// Names the command table has come back borrowed from it, with their id and spec from the same
 /// lookup: this runs for every command.
 pub fn identify(args: &[&[u8]], argc: u64) -> Identified {
     let Some(first) = args.first() else {
         return Identified {
             name: Cow::Borrowed(""),
+            id: None,
             spec: None,
         };
     };
     // `parent|sub`, on the stack.
     let mut buf = [0u8; 2 * MAX_NAME_LEN + 1];
     let mut len = lower_into(&mut buf, first);
+    let mut id = CommandId::lookup(&buf[..len]);
     if argc >= 2
         && let Some(sub) = args.get(1)
-        && CONTAINERS
-            .iter()
-            .any(|container| container.as_bytes() == &buf[..len])
+        && id.is_some_and(|id| id.info().has(flag::CONTAINER))
     {
         buf[len] = b'|';
         len += 1;
         len += lower_into(&mut buf[len..], sub);
+        id = CommandId::lookup(&buf[..len]);
+    }
+    if let Some(id) = id {
+        let info = id.info();
+        return Identified {
+            name: Cow::Borrowed(info.name),
+            id: Some(id),
+            spec: Some(info.spec()),
+        };
     }
     let name = &buf[..len];
-    let unlisted = |text: &str| Identified {
-        spec: unlisted_spec(text),
-        name: unlisted_name(text),
-    };
-    match std::str::from_utf8(name) {
-        Ok(text) => match known_command(text) {
-            Some((known, spec)) => Identified {
-                name: Cow::Borrowed(known),
-                spec: Some(spec),
-            },
-            None => unlisted(text),
+    Identified {
+        name: match std::str::from_utf8(name) {
+            Ok(text) => unlisted_name(text),
+            Err(_) => unlisted_name(&String::from_utf8_lossy(name)),
         },
-        Err(_) => unlisted(&String::from_utf8_lossy(name)),
+        id: None,
+        spec: None,
     }
 }
 
@@ -454,7 +287,25 @@ mod tests {
         ] {
             let found = identify(args, args.len() as u64);
             assert_eq!(found.spec, command_spec(&found.name), "{:?}", found.name);
+            let id = CommandId::lookup(found.name.as_bytes());
+            assert_eq!(found.id, id, "{:?}", found.name);
+            assert_eq!(found.spec, id.map(|id| id.info().spec()));
         }
+    }
+
+    #[test]
+    fn identifies_newer_and_valkey_commands() {
+        // Redis 7.4's hash field expiry, Valkey 8's CLIENT CAPA, a sentinel's own container.
+        for (args, name) in [
+            (&[&b"HEXPIRE"[..], b"h", b"10"][..], "hexpire"),
+            (&[b"client", b"CAPA", b"redirect"], "client|capa"),
+            (&[b"SENTINEL", b"masters"], "sentinel|masters"),
+        ] {
+            let found = identify(args, args.len() as u64);
+            assert_eq!(found.name, name);
+            assert!(found.id.is_some(), "{name}");
+        }
+        assert_eq!(identify(&[b"JSON.SET", b"k"], 2).id, None);
     }
 
     #[test]

@@ -704,6 +704,7 @@ impl Correlator {
         let command::Identified {
             name: command,
             spec,
+            ..
         } = command::identify(args, frame.len);
         let key_index = spec.and_then(|spec| command::first_key_index(spec, args));
         let argc = u32::try_from(frame.len).unwrap_or(u32::MAX);

@@ -7,7 +7,8 @@
 //! - [`decode`]: one [`decode::Decoder`] per connection direction turns a byte stream into
 //!   bounded [`decode::Frame`] summaries, skipping bulk bodies by length and resynchronising
 //!   explicitly (never silently) after loss.
-//! - [`command`]: Redis 7 command naming (`client|setname`), first-key positions and the
+//! - [`command`]: Redis 7 command naming (`client|setname`), the command table (ids, arity,
+//!   first keys, flags) generated from Redis' and Valkey's command metadata, and the
 //!   rejected/failed classification of error replies used by `INFO commandstats`.
 //! - [`correlate`]: one [`correlate::Correlator`] per connection pairs requests with replies
 //!   through pipelining, MULTI/EXEC, pub/sub, RESP3 pushes, `CLIENT REPLY`, MONITOR and loss.
