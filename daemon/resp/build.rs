@@ -6,6 +6,9 @@
 
 use std::{fmt::Write as _, path::PathBuf};
 
+#[path = "src/command/name_hash.rs"]
+mod name_hash;
+
 #[derive(Debug, thiserror::Error)]
 enum Error {
     #[error("{0} is not set")]
@@ -17,7 +20,7 @@ enum Error {
     },
     #[error("commands.tsv line {line}: {problem}")]
     Line { line: usize, problem: String },
-    #[error("{0} commands do not fit a u16 id")]
+    #[error("{0} commands do not fit a u16 id, or fill the lookup table more than half")]
     TooMany(usize),
 }
 
@@ -40,6 +43,7 @@ fn generate(tsv: &str) -> Result<String, Error> {
     let mut rows = String::new();
     let mut count = 0;
     let mut previous = "";
+    let mut slots = vec![u16::MAX; name_hash::SLOTS];
     for (index, line) in tsv.lines().enumerate() {
         if line.is_empty() || line.starts_with('#') {
             continue;
@@ -57,7 +61,7 @@ fn generate(tsv: &str) -> Result<String, Error> {
         {
             return Err(problem(format!("name {name:?} is not lower-case ASCII")));
         }
-        // Lookups binary-search the names.
+        // Sorted, so ids follow the names' order and a name appears once.
         if name <= previous {
             return Err(problem(format!(
                 "{name:?} is not sorted after {previous:?}"
@@ -96,6 +100,12 @@ fn generate(tsv: &str) -> Result<String, Error> {
         {
             return Err(problem(format!("servers {servers:?}")));
         }
+        let id = u16::try_from(count).map_err(|_| Error::TooMany(count))?;
+        let mut slot = name_hash::name_hash(name.as_bytes()) as usize % name_hash::SLOTS;
+        while slots[slot] != u16::MAX {
+            slot = (slot + 1) % name_hash::SLOTS;
+        }
+        slots[slot] = id;
         let _ = writeln!(
             rows,
             "    CommandInfo {{ name: {name:?}, arity: {arity}, key: {key}, flags: {flags} }},"
@@ -105,8 +115,16 @@ fn generate(tsv: &str) -> Result<String, Error> {
     if count > usize::from(u16::MAX) {
         return Err(Error::TooMany(count));
     }
+    if count * 2 > name_hash::SLOTS {
+        return Err(Error::TooMany(count));
+    }
+    let slots: Vec<String> = slots.iter().map(u16::to_string).collect();
     Ok(format!(
         "/// Every command of `commands.tsv`, sorted by name: a [`CommandId`] is an index.\n\
-         static COMMANDS: [CommandInfo; {count}] = [\n{rows}];\n"
+         static COMMANDS: [CommandInfo; {count}] = [\n{rows}];\n\
+         /// Command ids by name hash (linear probing; `u16::MAX`: empty).\n\
+         static BY_HASH: [u16; {}] = [{}];\n",
+        name_hash::SLOTS,
+        slots.join(",")
     ))
 }

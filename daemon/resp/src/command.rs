@@ -13,6 +13,7 @@
 
 use std::{borrow::Cow, cell::RefCell, collections::HashSet};
 
+mod name_hash;
 mod table;
 
 pub use table::{CommandId, CommandInfo, flag};

@@ -2,7 +2,10 @@
 //! derived from their `src/commands/*.json` by `scripts/command-table.py`), with the arity,
 //! first key and flags their metadata gives. `build.rs` turns the file into `COMMANDS`.
 
-use super::{CommandSpec, KeySpec};
+use super::{
+    CommandSpec, KeySpec,
+    name_hash::{SLOTS, name_hash},
+};
 
 /// Bits of [`CommandInfo::flags`]. The first ones are Redis' own command flags; the others say
 /// how replies to the command are paired, which the metadata has no flag for.
@@ -59,14 +62,18 @@ pub struct CommandInfo {
 include!(concat!(env!("OUT_DIR"), "/commands.rs"));
 
 impl CommandId {
-    /// The command named `name` (a stats name, already lower case): a binary search over the
-    /// sorted names, a handful of comparisons for the ~400 commands.
+    /// The command named `name` (a stats name, already lower case): one hash of the name and,
+    /// nearly always, one comparison.
     pub fn lookup(name: &[u8]) -> Option<Self> {
-        let index = COMMANDS
-            .binary_search_by(|command| command.name.as_bytes().cmp(name))
-            .ok()?;
-        // build.rs checks that every index fits.
-        u16::try_from(index).ok().map(Self)
+        let mut slot = name_hash(name) as usize % SLOTS;
+        loop {
+            let id = *BY_HASH.get(slot)?;
+            let command = COMMANDS.get(usize::from(id))?;
+            if command.name.as_bytes() == name {
+                return Some(Self(id));
+            }
+            slot = (slot + 1) % SLOTS;
+        }
     }
 
     /// The table's entry for this command.
