@@ -239,11 +239,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let pods = kube_client
         .as_ref()
         .map(|_| Arc::new(PodIndex::new(kube_config.pod_grace)));
-    let capture = Capture::start(&CaptureConfig {
-        ring_bytes: args.ring_bytes,
-        scoped: !namespaces.is_empty(),
-        cgroup_root: args.cgroup_root.clone(),
-    })?;
+    // The pipeline runs on a thread of its own, so the API's workers (GetStats, scrapes,
+    // Watch streams) never hold up capture; its rings are registered with that thread's runtime.
+    let pipeline_runtime = PipelineRuntime(Some(
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("the pipeline's runtime")?,
+    ));
+    let capture = {
+        let _on_pipeline_runtime = pipeline_runtime.0.as_ref().map(|runtime| runtime.enter());
+        Capture::start(&CaptureConfig {
+            ring_bytes: args.ring_bytes,
+            scoped: !namespaces.is_empty(),
+            cgroup_root: args.cgroup_root.clone(),
+        })?
+    };
     tracing::info!(
         programs = capture.attached().len(),
         "eBPF programs attached"
@@ -295,22 +306,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let mut task = tokio::spawn(pipeline.run(stopped, |_| {}));
+    // The result comes back on a channel; a panic drops the sender without a result.
+    let (ended_tx, mut ended) = tokio::sync::oneshot::channel();
+    let thread = std::thread::Builder::new()
+        .name("pipeline".into())
+        .spawn(move || {
+            let mut pipeline_runtime = pipeline_runtime;
+            if let Some(runtime) = pipeline_runtime.0.take() {
+                let _ = ended_tx.send(runtime.block_on(pipeline.run(stopped, |_| {})));
+            }
+        })
+        .context("starting the pipeline thread")?;
     tracing::info!("respwatchd ready");
     let pipeline_ended = tokio::select! {
         _ = terminate.recv() => { tracing::info!("SIGTERM: shutting down"); None }
         _ = interrupt.recv() => { tracing::info!("SIGINT: shutting down"); None }
-        ended = &mut task => Some(ended),
+        result = &mut ended => Some(result),
     };
-    if let Some(ended) = pipeline_ended {
+    if let Some(result) = pipeline_ended {
         // Serving on with nothing captured would pass for a quiet node: health turns
         // NOT_SERVING for probes and clients to see, then the daemon exits non-zero so that
         // its supervisor restarts it.
-        let why = match ended {
+        let why = match result {
             Ok(Ok(())) => "it ended".to_owned(),
             Ok(Err(error)) => error.to_string(),
-            Err(join) if join.is_panic() => "it panicked (the panic message is above)".to_owned(),
-            Err(join) => join.to_string(),
+            Err(_) => "it panicked (the panic message is above)".to_owned(),
         };
         tracing::error!(reason = %why, "the capture pipeline stopped; health is NOT_SERVING, exiting");
         servers.set_not_serving().await;
@@ -322,7 +342,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let _ = stop.send(true);
     servers.shutdown().await?;
     // The pipeline owns the capture: when it returns, the programs are detached.
-    task.await??;
+    match ended.await {
+        Ok(result) => result?,
+        Err(_) => anyhow::bail!("the capture pipeline panicked while stopping"),
+    }
+    if thread.join().is_err() {
+        anyhow::bail!("the capture pipeline panicked while stopping");
+    }
     if let Some(watcher) = watcher {
         let _ = watcher.await;
     }
@@ -336,4 +362,16 @@ async fn run(args: Args) -> anyhow::Result<()> {
         "eBPF programs detached; bye"
     );
     Ok(())
+}
+
+/// The pipeline thread's runtime, until the thread takes it. Let go without waiting when
+/// startup fails before that: a runtime cannot be dropped (blocking) inside the main one.
+struct PipelineRuntime(Option<tokio::runtime::Runtime>);
+
+impl Drop for PipelineRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            runtime.shutdown_background();
+        }
+    }
 }

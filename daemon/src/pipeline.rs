@@ -66,6 +66,9 @@ pub struct PipelineCounters {
     pub replicated_commands: AtomicU64,
     pub replicated_bytes: AtomicU64,
     pub mid_stream_skipped_bytes: AtomicU64,
+    /// The oldest record's age when its batch had been handled, at most, since `/metrics` last
+    /// took it (records wait up to 10 ms in the ring by design; more means the pipeline lags).
+    pub lag_max_ns: AtomicU64,
 }
 
 #[derive(Clone, Debug)]
@@ -308,9 +311,15 @@ impl Pipeline {
                 counters
                     .records
                     .fetch_add(batch_records.len() as u64, Ordering::Relaxed);
+                let oldest = batch_records.iter().map(Record::ts_ns).min();
                 self.stages
                     .accept_batch(batch_records.drain(..), &shared, &mut observe)
                     .add_to(counters);
+                if let Some(oldest) = oldest {
+                    counters
+                        .lag_max_ns
+                        .fetch_max(monotonic_ns().saturating_sub(oldest), Ordering::Relaxed);
+                }
                 // Done with every record: their ring space goes back to the kernel.
                 drop(batch);
                 records = recycle_records(batch_records);

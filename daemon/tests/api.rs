@@ -1328,3 +1328,86 @@ fn watch_delivers_events_of_both_cpus_in_time_order() {
     let out_of_order = times.windows(2).filter(|w| w[1] < w[0]).count();
     assert_eq!(out_of_order, 0, "of {} events", times.len());
 }
+
+/// Readers never hold up capture: while redis-benchmark runs, one thread asks GetStats (all
+/// rows, and a 60-second window) and scrapes `/metrics` in a loop, and two other scrapers ask
+/// for `/metrics` and never read the answer (their receive windows are tiny). The daemon counts
+/// every call as Redis does, loses no record and no stream byte, and its pipeline's lag (the
+/// oldest record's age when its batch was handled) stays under a second.
+#[test]
+fn readers_and_stalled_scrapers_do_not_hold_up_capture() {
+    use std::{
+        io::Write,
+        sync::atomic::{AtomicBool, Ordering},
+    };
+    let _turn = exclusive();
+    let d = daemon();
+    let before = status();
+    let server = RedisServer::start(&[]);
+    let stalled: Vec<std::net::TcpStream> = (0..2)
+        .map(|_| {
+            let socket = std::net::TcpStream::connect(&d.metrics).expect("connect");
+            let rcvbuf: libc::c_int = 1024;
+            // SAFETY: setsockopt on a socket this test owns, with a c_int option value.
+            let set = unsafe {
+                libc::setsockopt(
+                    std::os::fd::AsRawFd::as_raw_fd(&socket),
+                    libc::SOL_SOCKET,
+                    libc::SO_RCVBUF,
+                    std::ptr::addr_of!(rcvbuf).cast(),
+                    size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            assert_eq!(set, 0);
+            (&socket)
+                .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("ask");
+            socket
+        })
+        .collect();
+    let done = AtomicBool::new(false);
+    let (reads, lag) = std::thread::scope(|scope| {
+        let reader = scope.spawn(|| {
+            let (mut reads, mut lag) = (0u32, 0f64);
+            while !done.load(Ordering::Relaxed) {
+                stats(v1::GetStatsRequest::default());
+                stats(v1::GetStatsRequest {
+                    window_seconds: 60,
+                    ..Default::default()
+                });
+                let text = http_get(&d.metrics, "/metrics");
+                let seen = text
+                    .lines()
+                    .find_map(|line| line.strip_prefix("respwatch_pipeline_lag_seconds "))
+                    .and_then(|value| value.parse::<f64>().ok())
+                    .expect("respwatch_pipeline_lag_seconds");
+                lag = lag.max(seen);
+                reads += 1;
+            }
+            (reads, lag)
+        });
+        server.benchmark(&["-n", "100000", "-c", "20", "-P", "4", "-t", "set,get"]);
+        done.store(true, Ordering::Relaxed);
+        reader.join().expect("reader")
+    });
+    let mut redis = redis_counts(&server);
+    // The INFO call just made: Redis counts it after answering, the daemon sees it.
+    redis.entry("info".to_owned()).or_default().0 += 1;
+    wait_for("every call counted as Redis counts it", || {
+        server_counts(server.pid()) == redis
+    });
+    drop(stalled);
+    let after = status();
+    eprintln!("{reads} rounds of reads; the pipeline's largest lag {lag:.3} s");
+    assert!(
+        reads >= 5,
+        "only {reads} rounds of reads while the benchmark ran"
+    );
+    assert!(lag < 1.0, "the pipeline lagged {lag} s behind the rings");
+    assert_eq!(after.lost_bytes, before.lost_bytes, "stream bytes lost");
+    assert_eq!(
+        loss(&after, "ring_full"),
+        loss(&before, "ring_full"),
+        "records lost to a full ring"
+    );
+}

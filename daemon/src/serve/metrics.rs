@@ -171,7 +171,7 @@ const DURATION: &str = "respwatch_command_duration_seconds";
 const DURATION_HELP: &str = "Command latency: request read to reply written (server), request written to reply read (client).";
 
 /// Per-series metrics: name, help, kind.
-const DESCRIBED: [(&str, &str, Kind); 31] = [
+const DESCRIBED: [(&str, &str, Kind); 32] = [
     (
         COMMANDS,
         "Commands executed (Redis' calls: failed ones included, rejected ones not).",
@@ -315,6 +315,11 @@ const DESCRIBED: [(&str, &str, Kind); 31] = [
     (
         "respwatch_build_info",
         "Always 1; labels carry the version and node.",
+        Kind::Gauge,
+    ),
+    (
+        "respwatch_pipeline_lag_seconds",
+        "Age of the oldest record of a batch when the pipeline had handled it, at most, over the last second (records wait up to 10 ms in the ring by design).",
         Kind::Gauge,
     ),
     (
@@ -628,6 +633,12 @@ impl Exporter {
         for (name, value) in gauges {
             self.gauge(name, vec![], value as f64);
         }
+        let lag_ns = counters.lag_max_ns.swap(0, Ordering::Relaxed);
+        self.gauge(
+            "respwatch_pipeline_lag_seconds",
+            vec![],
+            lag_ns as f64 / 1e9,
+        );
         self.gauge(
             "respwatch_build_info",
             vec![
