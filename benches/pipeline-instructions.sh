@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Instructions the daemon's user-space stages spend per command, counted exactly (callgrind),
-# for each case of the pipeline bench (daemon/benches/pipeline.rs: p1, p1-watched, p16,
-# mixed): the records of a case go through `Stages` once, and only that run is counted (not
+# for each case of the pipeline bench (daemon/benches/pipeline.rs: p1, p1-watched,
+# p1-watched-other, p16, mixed): the records of a case go through `Stages` once, and only that run is counted (not
 # making the records). Both sides of a command together, as the bench's ns/command.
 # Usage: benches/pipeline-instructions.sh [case...]   (needs valgrind; builds the bench)
 set -euo pipefail
@@ -17,12 +17,12 @@ for line in sys.stdin:
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(p1 p1-watched p16 mixed)
-printf '%12s %16s %10s\n' case instructions/cmd commands
+[ ${#cases[@]} -gt 0 ] || cases=(p1 p1-watched p1-watched-other p16 mixed)
+printf '%18s %16s %10s\n' case instructions/cmd commands
 for case in "${cases[@]}"; do
   line=$(RESPWATCH_BENCH_CASE=$case valgrind --tool=callgrind --callgrind-out-file="$out/$case" \
     --toggle-collect='*run_case*' "$bench" --bench 2>/dev/null)
   commands=$(awk '{print $3}' <<<"$line")
   total=$(awk '/^summary:/ {print $2}' "$out/$case")
-  awk -v c="$case" -v t="$total" -v n="$commands" 'BEGIN { printf "%12s %16.0f %10d\n", c, t / n, n }'
+  awk -v c="$case" -v t="$total" -v n="$commands" 'BEGIN { printf "%18s %16.0f %10d\n", c, t / n, n }'
 done

@@ -9,6 +9,8 @@
 //! together: each is seen by the client's and the server's socket):
 //! - `p1`: `redis-benchmark -c 50 -P 1 -t set,get`, nobody watching;
 //! - `p1-watched`: the same with one Watch subscriber (events built and broadcast);
+//! - `p1-watched-other`: the same with one Watch subscriber of another process (its filters
+//!   reach the decode stage: no event of this traffic is built);
 //! - `p16`: `-P 16`, nobody watching;
 //! - `mixed`: errors, MULTI/EXEC, pub/sub, RESP3 and 100 KB values (`records::Mixed`).
 //!
@@ -34,6 +36,16 @@ use respwatchd::{
     streams::Streams,
 };
 
+/// Who watches a case's traffic.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Watcher {
+    Nobody,
+    /// A subscriber with no filter.
+    Everything,
+    /// A subscriber whose filter names another process.
+    OtherProcess,
+}
+
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -46,7 +58,7 @@ struct Case {
     name: &'static str,
     records: Vec<Vec<u8>>,
     commands: usize,
-    watched: bool,
+    watcher: Watcher,
 }
 
 fn cases() -> Vec<Case> {
@@ -65,25 +77,31 @@ fn cases() -> Vec<Case> {
             name: "p1",
             records: p1.clone(),
             commands: p1_commands,
-            watched: false,
+            watcher: Watcher::Nobody,
         },
         Case {
             name: "p1-watched",
+            records: p1.clone(),
+            commands: p1_commands,
+            watcher: Watcher::Everything,
+        },
+        Case {
+            name: "p1-watched-other",
             records: p1,
             commands: p1_commands,
-            watched: true,
+            watcher: Watcher::OtherProcess,
         },
         Case {
             name: "p16",
             records: p16,
             commands: p16_commands,
-            watched: false,
+            watcher: Watcher::Nobody,
         },
         Case {
             name: "mixed",
             records: mixed_records,
             commands: mixed_commands,
-            watched: false,
+            watcher: Watcher::Nobody,
         },
     ]
 }
@@ -98,7 +116,10 @@ fn run_case(case: &Case, cgroup_root: &std::path::Path) -> u64 {
     );
     let shared = Shared::new(config, Attributor::new(None, Vec::new()));
     // A subscriber that never reads: the broadcast keeps the newest events, as for a slow one.
-    let _subscriber = case.watched.then(|| shared.events.subscribe());
+    let _subscriber = (case.watcher != Watcher::Nobody).then(|| shared.events.subscribe());
+    if case.watcher == Watcher::OtherProcess {
+        shared.set_watch_interest(Some(std::sync::Arc::new(records::WatchesComm("other"))));
+    }
     let mut parsed = Vec::with_capacity(BATCH);
     for batch in case.records.chunks(BATCH) {
         parsed.extend(

@@ -12,9 +12,22 @@ use respwatch_resp::{
 
 use crate::{
     capture::Opener,
+    enrich::Process,
     event::{CommandEvent, EventError, KeyPrivacy, reply_name, shown_prefix},
     streams::{ConnId, ConnMeta, StreamEvent},
 };
+
+/// Which connections' events are built for watchers (key text, shared with subscribers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Detail {
+    /// Nobody watches: a command costs no heap allocation between the ring and the stats.
+    Off,
+    /// Every connection's.
+    All,
+    /// Connections whose process a watcher may want, as [`DecodeStage::accept`]'s `wanted`
+    /// says; asked once per connection while `generation` stays the same.
+    Filtered { generation: u64 },
+}
 
 /// What the decode stage saw that did not become an event, for status and metrics.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -58,6 +71,7 @@ pub struct DecodeStage {
     /// A field of its own so that a connection's `Arc` can be lent from `correlators` while
     /// events are built, not cloned per chunk (that clone and drop were 7% of the daemon).
     sink: Sink,
+    detail: Detail,
 }
 
 impl DecodeStage {
@@ -66,6 +80,7 @@ impl DecodeStage {
             correlators: HashMap::new(),
             pending: 0,
             not_resp: Vec::new(),
+            detail: Detail::All,
             sink: Sink {
                 detail: true,
                 keys,
@@ -79,10 +94,29 @@ impl DecodeStage {
         }
     }
 
-    /// Whether events get what only a watcher reads (key text): off, a command costs no heap
-    /// allocation between the ring and the stats.
-    pub fn set_detail(&mut self, detail: bool) {
-        self.sink.detail = detail;
+    /// Which connections' events get what only a watcher reads.
+    pub fn set_detail(&mut self, detail: Detail) {
+        self.detail = detail;
+    }
+
+    /// Whether the events of `decoding` are built for watchers now.
+    fn detailed(
+        detail: Detail,
+        decoding: &mut Decoding,
+        wanted: &impl Fn(&Process) -> bool,
+    ) -> bool {
+        match detail {
+            Detail::Off => false,
+            Detail::All => true,
+            Detail::Filtered { generation } => match decoding.wanted {
+                Some((asked, wants)) if asked == generation => wants,
+                _ => {
+                    let wants = wanted(&decoding.meta.process);
+                    decoding.wanted = Some((generation, wants));
+                    wants
+                }
+            },
+        }
     }
 
     pub fn counters(&self) -> &DecodeCounters {
@@ -95,7 +129,14 @@ impl DecodeStage {
         out.append(&mut self.not_resp);
     }
 
-    pub fn accept(&mut self, event: &StreamEvent, out: &mut Vec<CommandEvent>) {
+    /// Decodes one stream event into `out`. `wanted` is asked (see [`Detail::Filtered`])
+    /// whether a watcher may want a connection's events.
+    pub fn accept(
+        &mut self,
+        event: &StreamEvent,
+        out: &mut Vec<CommandEvent>,
+        wanted: &impl Fn(&Process) -> bool,
+    ) {
         match event {
             StreamEvent::Data(chunk) => {
                 let decoding = self.correlators.entry(chunk.conn.id).or_insert_with(|| {
@@ -110,8 +151,10 @@ impl DecodeStage {
                         correlator,
                         doubtful_desyncs: 0,
                         exchanges: 0,
+                        wanted: None,
                     }
                 });
+                self.sink.detail = Self::detailed(self.detail, decoding, wanted);
                 let correlator = &mut decoding.correlator;
                 let pending_before = correlator.pending();
                 let dir = match chunk.direction {
@@ -170,6 +213,7 @@ impl DecodeStage {
                         return;
                     }
                     decoding.correlator.close(*ts_ns, &mut self.sink.outputs);
+                    self.sink.detail = Self::detailed(self.detail, &mut decoding, wanted);
                     self.sink.emit(&decoding.meta, out);
                 }
             }
@@ -184,11 +228,13 @@ struct Decoding {
     /// Desynchronisations while it has not yet produced an exchange (mid-stream joins only).
     doubtful_desyncs: u32,
     exchanges: u64,
+    /// Whether a watcher may want its events, and the [`Detail::Filtered`] generation asked.
+    wanted: Option<(u64, bool)>,
 }
 
 /// Where a connection's correlator outputs go: events, or counters for what is not one.
 struct Sink {
-    /// See [`DecodeStage::set_detail`].
+    /// Whether the connection's events are built for watchers (see [`Detail`]).
     detail: bool,
     keys: KeyPrivacy,
     /// Added to monotonic kernel timestamps to get wall-clock time.
@@ -239,6 +285,7 @@ impl Sink {
                         latency_ns: exchange.reply_ts_ns.saturating_sub(exchange.request_ts_ns),
                         pipeline_depth: exchange.pipeline_depth,
                         in_transaction: exchange.in_transaction,
+                        detailed: self.detail,
                     });
                 }
                 Output::Push(_) => self.counters.pushes += 1,

@@ -317,6 +317,22 @@ impl Attributor {
         }
     }
 
+    /// What a row key holds of `process` (role, peer and command left empty/default): for
+    /// judging what can be judged before there is an event.
+    pub fn process_key(&self, process: &Process) -> RowKey {
+        let who = self.attribution(process);
+        RowKey {
+            role: respwatch_resp::correlate::Role::Client,
+            namespace: who.namespace,
+            pod: who.pod,
+            container: who.container,
+            pid: process.pid,
+            comm: process.comm.clone(),
+            peer: String::new(),
+            command: String::new(),
+        }
+    }
+
     pub fn row_key(&self, event: &CommandEvent) -> RowKey {
         let process = &event.conn.process;
         let who = self.attribution(process);

@@ -19,8 +19,8 @@ pub struct CommandEvent {
     /// Redis' stats name: `get`, `client|setname`; `unknown` for commands Redis does not know.
     /// Borrowed from the command table when it knows the name.
     pub command: Cow<'static, str>,
-    /// The first key after the [`KeyPolicy`]; values are never kept. Only made when someone
-    /// watches events (see `DecodeStage::set_detail`): the stats do not need it.
+    /// The first key after the [`KeyPolicy`]; values are never kept. Only made when a watcher
+    /// may want the event (see `decode::Detail`): the stats do not need it.
     pub key: Option<String>,
     pub argc: u32,
     pub request_bytes: u64,
@@ -34,6 +34,8 @@ pub struct CommandEvent {
     pub latency_ns: u64,
     pub pipeline_depth: u32,
     pub in_transaction: bool,
+    /// Built for watchers: it has its key text and goes to subscribers and the history.
+    pub detailed: bool,
 }
 
 impl CommandEvent {

@@ -16,8 +16,8 @@ use tokio::sync::{broadcast, watch};
 use crate::{
     aggregate::{Aggregator, RowKey},
     capture::{Capture, CaptureError, Record},
-    decode::{DecodeCounters, DecodeStage},
-    enrich::Attributor,
+    decode::{DecodeCounters, DecodeStage, Detail},
+    enrich::{Attributor, Process},
     event::{CommandEvent, KeyPrivacy},
     streams::{ConnId, StreamEvent, StreamStats, Streams},
 };
@@ -99,6 +99,18 @@ pub struct Shared {
     pub events: broadcast::Sender<Arc<CommandEvent>>,
     pub attributor: Attributor,
     pub config: PipelineConfig,
+    /// What Watch subscribers may want, per process (`None`: anything); set by the serving side.
+    watch_interest: Mutex<Option<Arc<dyn WatchInterest>>>,
+    /// Changes with each [`Shared::set_watch_interest`].
+    watch_interest_generation: AtomicU64,
+}
+
+/// Whether any Watch subscriber's filters could match an event of a process (its pid, comm,
+/// pod, namespace, labels; the rest of an event is judged when it exists). The decode stage
+/// builds events only for connections of processes some subscriber may want.
+pub trait WatchInterest: Send + Sync {
+    /// False only when no subscriber can want any event of `process`.
+    fn may_want(&self, process: &Process, attributor: &Attributor) -> bool;
 }
 
 impl Shared {
@@ -111,7 +123,18 @@ impl Shared {
             events,
             attributor,
             config,
+            watch_interest: Mutex::new(None),
+            watch_interest_generation: AtomicU64::new(0),
         }
+    }
+
+    /// What subscribers may want from now on (`None`: anything).
+    pub fn set_watch_interest(&self, interest: Option<Arc<dyn WatchInterest>>) {
+        if let Ok(mut current) = self.watch_interest.lock() {
+            *current = interest;
+        }
+        self.watch_interest_generation
+            .fetch_add(1, Ordering::Release);
     }
 
     pub fn row_key(&self, event: &CommandEvent) -> RowKey {
@@ -124,8 +147,8 @@ impl Shared {
         self.config.history > 0 || self.events.receiver_count() > 0
     }
 
-    /// Hands a batch of events to the aggregator, then, when they were built for watchers
-    /// (`detailed`), to the history and the subscribers. Empties `events`, keeping its room.
+    /// Hands a batch of events to the aggregator, then those built for watchers (when any may
+    /// be: `detailed`) to the history and the subscribers. Empties `events`, keeping its room.
     /// `out_of_scope` gets the cgroups of events that can never be in `--namespaces`' scope.
     pub fn publish(
         &self,
@@ -160,7 +183,7 @@ impl Shared {
         let mut history = (self.config.history > 0)
             .then(|| self.history.lock().ok())
             .flatten();
-        for event in events.drain(..) {
+        for event in events.drain(..).filter(|event| event.detailed) {
             let event = Arc::new(event);
             if let Some(history) = history.as_mut() {
                 if history.len() == self.config.history {
@@ -189,6 +212,11 @@ pub struct Stages {
     stream_events: Vec<StreamEvent<'static>>,
     command_events: Vec<CommandEvent>,
     out_of_scope: Vec<u64>,
+    /// The subscribers' interest as last taken from [`Shared`], with the generations it was
+    /// taken at (the interest's and the attribution's) and the decode stage's generation.
+    interest: Option<Arc<dyn WatchInterest>>,
+    interest_taken: (u64, u64),
+    detail_generation: u64,
 }
 
 impl Stages {
@@ -199,6 +227,40 @@ impl Stages {
             stream_events: Vec::with_capacity(4096),
             command_events: Vec::with_capacity(KEPT_EVENTS),
             out_of_scope: Vec::new(),
+            interest: None,
+            interest_taken: (u64::MAX, u64::MAX),
+            detail_generation: 0,
+        }
+    }
+
+    /// Which connections' events the decode stage builds for watchers this batch.
+    fn detail(&mut self, shared: &Shared) -> Detail {
+        if !shared.events_wanted() {
+            return Detail::Off;
+        }
+        if shared.config.history > 0 {
+            return Detail::All;
+        }
+        let now = (
+            shared.watch_interest_generation.load(Ordering::Acquire),
+            shared.attributor.generation(),
+        );
+        if now != self.interest_taken {
+            if now.0 != self.interest_taken.0 {
+                self.interest = shared
+                    .watch_interest
+                    .lock()
+                    .map(|interest| interest.clone())
+                    .unwrap_or_default();
+            }
+            self.interest_taken = now;
+            self.detail_generation += 1;
+        }
+        match self.interest {
+            None => Detail::All,
+            Some(_) => Detail::Filtered {
+                generation: self.detail_generation,
+            },
         }
     }
 
@@ -224,15 +286,26 @@ impl Stages {
         shared: &Shared,
         observe: &mut impl FnMut(&StreamEvent<'_>),
     ) -> StreamTally {
-        let detailed = shared.events_wanted();
-        self.decode.set_detail(detailed);
+        let detail = self.detail(shared);
+        self.decode.set_detail(detail);
+        let interest = &self.interest;
+        let wanted = |process: &Process| {
+            interest
+                .as_ref()
+                .is_none_or(|interest| interest.may_want(process, &shared.attributor))
+        };
         let mut tally = StreamTally::default();
         for event in events.drain(..) {
             tally.count(&event);
             observe(&event);
-            self.decode.accept(&event, &mut self.command_events);
+            self.decode
+                .accept(&event, &mut self.command_events, &wanted);
         }
-        shared.publish(&mut self.command_events, detailed, &mut self.out_of_scope);
+        shared.publish(
+            &mut self.command_events,
+            detail != Detail::Off,
+            &mut self.out_of_scope,
+        );
         // A burst's room is not kept for good.
         if self.command_events.capacity() > KEPT_EVENTS {
             self.command_events = Vec::with_capacity(KEPT_EVENTS);

@@ -49,6 +49,7 @@ pub fn event(conn: &Arc<ConnMeta>, command: &str, second: u64, latency_ns: u64) 
         latency_ns,
         pipeline_depth: 1,
         in_transaction: false,
+        detailed: true,
     }
 }
 

@@ -4,7 +4,7 @@
 use std::{
     alloc::{GlobalAlloc, Layout, System},
     cell::Cell,
-    sync::atomic::Ordering,
+    sync::{Arc, atomic::Ordering},
 };
 
 #[path = "../benches/support/records.rs"]
@@ -183,4 +183,47 @@ fn no_allocation_per_command_of_a_pipelined_benchmark_when_nobody_watches() {
     let allocations: u64 = measured.iter().map(|batch| node.run(batch, true)).sum();
     assert_eq!(allocations, 0, "heap allocations in the second half");
     assert_eq!(node.events(), 2 * commands as u64);
+}
+
+/// A subscriber watching another process (`redisctl watch --comm other`) costs this traffic
+/// nothing: its filters reach the decode stage, so no event of these connections is built or
+/// shared, and the second half allocates nothing. Watching these processes instead, the events
+/// are built and reach the subscriber, every one of them.
+#[test]
+fn a_subscriber_watching_other_processes_costs_no_allocation() {
+    let (records, commands) = records::benchmark(64, 16, 64 * 1024);
+    let batches: Vec<&[Vec<u8>]> = records.chunks(256).collect();
+    let (warm, measured) = batches.split_at(batches.len() / 2);
+    for (comm, watched) in [("other", false), ("redis-benchmark", true)] {
+        let mut node = Node::new(comm);
+        let mut subscriber = node.shared.events.subscribe();
+        node.shared
+            .set_watch_interest(Some(Arc::new(records::WatchesComm(comm))));
+        let mut received = 0;
+        let mut drain = |subscriber: &mut tokio::sync::broadcast::Receiver<_>| {
+            while subscriber.try_recv().is_ok() {
+                received += 1;
+            }
+        };
+        for batch in warm {
+            node.run(batch, false);
+            drain(&mut subscriber);
+        }
+        let allocations: u64 = measured
+            .iter()
+            .map(|batch| {
+                let made = node.run(batch, true);
+                drain(&mut subscriber);
+                made
+            })
+            .sum();
+        assert_eq!(node.events(), 2 * commands as u64);
+        if watched {
+            assert!(allocations > 0, "watched events are built");
+            assert_eq!(received, 2 * commands, "every watched event is shared");
+        } else {
+            assert_eq!(allocations, 0, "heap allocations in the second half");
+            assert_eq!(received, 0, "events of processes nobody watches");
+        }
+    }
 }

@@ -8,6 +8,20 @@ use std::collections::HashMap;
 use respwatch_common::{
     DataHeader, Direction, FAMILY_IPV4, OpenRecord, data_flags, open_flags, record_kind,
 };
+use respwatchd::{
+    enrich::{Attributor, Process},
+    pipeline::WatchInterest,
+};
+
+/// A Watch subscriber whose filters name a process by its comm (these records' processes are
+/// all `redis-benchmark`).
+pub struct WatchesComm(pub &'static str);
+
+impl WatchInterest for WatchesComm {
+    fn may_want(&self, process: &Process, _: &Attributor) -> bool {
+        *process.comm == *self.0
+    }
+}
 
 /// Payload bytes per packet.
 pub const MSS: usize = 1448;

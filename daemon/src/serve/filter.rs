@@ -226,19 +226,13 @@ impl Filter {
             && event.latency_ns >= self.min_latency_ns
     }
 
-    /// The fields a row has: who, role and command.
-    fn matches_key(&self, key: &RowKey, labels: &Labels) -> bool {
+    /// The fields a process has: pod, namespace, labels, container, pid, comm (the key's
+    /// role, peer and command are not looked at).
+    fn matches_process(&self, key: &RowKey, labels: &Labels) -> bool {
         let pod_ok = |pod: &PodMatch| {
             !key.pod.is_empty()
                 && pod.namespace.as_ref().is_none_or(|ns| *ns == key.namespace)
                 && key.pod.starts_with(&pod.prefix)
-        };
-        let command_ok = |command: &String| {
-            key.command == *command
-                || key
-                    .command
-                    .strip_prefix(command.as_str())
-                    .is_some_and(|rest| rest.starts_with('|'))
         };
         self.namespace
             .as_ref()
@@ -248,6 +242,18 @@ impl Filter {
             && self.container.as_ref().is_none_or(|c| *c == key.container)
             && self.pid.is_none_or(|pid| pid == key.pid)
             && self.comm.as_ref().is_none_or(|comm| *comm == key.comm)
+    }
+
+    /// The fields a row has: who, role and command.
+    fn matches_key(&self, key: &RowKey, labels: &Labels) -> bool {
+        let command_ok = |command: &String| {
+            key.command == *command
+                || key
+                    .command
+                    .strip_prefix(command.as_str())
+                    .is_some_and(|rest| rest.starts_with('|'))
+        };
+        self.matches_process(key, labels)
             && self.role.is_none_or(|role| role == key.role)
             && self.command.as_ref().is_none_or(command_ok)
     }
@@ -379,6 +385,16 @@ impl FilterSet {
                 .any(|f| f.matches_event(key, event, &labels))
     }
 
+    /// Whether an event of the process whose attribution `key` holds may be allowed: false
+    /// only when none can (the deny list is not judged here; it may still drop each event).
+    pub fn may_want_process(&self, key: &RowKey, attributor: &Attributor) -> bool {
+        if !self.scope.allows(&key.namespace) {
+            return false;
+        }
+        let labels = self.labels_of(key, attributor);
+        self.allow.is_empty() || self.allow.iter().any(|f| f.matches_process(key, &labels))
+    }
+
     pub fn allows_row(&self, key: &RowKey, stats: &RowStats, attributor: &Attributor) -> bool {
         if !self.scope.allows(&key.namespace) {
             return false;
@@ -439,6 +455,65 @@ mod tests {
         });
         assert!(host_only.matches_key(&host, &none));
         assert!(!host_only.matches_key(&web, &none));
+    }
+
+    /// What is pushed down to the pipeline judges the process only: a filter on pid, comm or
+    /// namespace rules processes out; role, command, key and latency never do (they are judged
+    /// per event); deny lists and an empty allow list rule nothing out; the caller's scope does.
+    #[test]
+    fn what_a_watcher_may_want_is_judged_on_the_process_alone() {
+        let attributor = Attributor::default();
+        let redis = key("shop", "redis-0", "");
+        let mut other = key("", "", "");
+        other.pid = 8;
+        other.comm = "worker".into();
+        let set = |allow: Vec<v1::Filter>, deny: Vec<v1::Filter>| {
+            FilterSet::parse(&allow, &deny).unwrap()
+        };
+        let only = |f: v1::Filter| set(vec![f], Vec::new());
+        let wants = |filters: &FilterSet, key: &RowKey| filters.may_want_process(key, &attributor);
+        let pid = only(v1::Filter {
+            pid: 7,
+            ..Default::default()
+        });
+        assert!(wants(&pid, &redis));
+        assert!(!wants(&pid, &other));
+        let per_event = only(v1::Filter {
+            comm: "redis-server".into(),
+            role: v1::Role::Client as i32,
+            command: "get".into(),
+            key_prefix: "user:".into(),
+            errors_only: true,
+            min_latency_usec: 1000,
+            ..Default::default()
+        });
+        assert!(wants(&per_event, &redis));
+        assert!(!wants(&per_event, &other));
+        let namespace = only(v1::Filter {
+            namespace: Some("shop".into()),
+            ..Default::default()
+        });
+        assert!(wants(&namespace, &redis));
+        assert!(!wants(&namespace, &other));
+        let everything_but_redis = set(
+            Vec::new(),
+            vec![v1::Filter {
+                pid: 7,
+                ..Default::default()
+            }],
+        );
+        assert!(
+            wants(&everything_but_redis, &redis),
+            "deny is judged per event"
+        );
+        assert!(wants(&everything_but_redis, &other));
+        let mut scoped = set(Vec::new(), Vec::new());
+        scoped.set_scope(Scope::Namespaces(["shop".to_owned()].into()));
+        assert!(wants(&scoped, &redis));
+        assert!(
+            !wants(&scoped, &other),
+            "host processes are out of the scope"
+        );
     }
 
     #[test]

@@ -113,6 +113,8 @@ pub struct ServeState {
     pub subscriber_drops: AtomicU64,
     /// `/metrics`: the recorder and the series fed into it.
     pub exporter: metrics::Exporter,
+    /// Open Watch streams' filters, pushed down to the pipeline.
+    pub watching: watch::Watching,
     pub authz: Option<Arc<authz::Authorizer>>,
 }
 
@@ -135,6 +137,7 @@ impl ServeState {
             subscribers: AtomicU64::new(0),
             subscriber_drops: AtomicU64::new(0),
             exporter: metrics::Exporter::new(config.metric_labels.clone()),
+            watching: watch::Watching::default(),
             authz: config.authz.clone(),
         })
     }

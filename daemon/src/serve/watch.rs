@@ -4,8 +4,8 @@
 //! stream order, as soon as there is room again. Kernel and decoder losses seen while the
 //! stream is open are reported the same way, once a second.
 use std::{
-    collections::HashSet,
-    sync::{Arc, atomic::Ordering},
+    collections::{BTreeMap, HashSet},
+    sync::{Arc, Mutex, atomic::Ordering},
     time::Duration,
 };
 
@@ -18,7 +18,66 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::{ServeState, authz::Authorized, convert, filter::FilterSet, now_unix_ns};
-use crate::event::CommandEvent;
+use crate::{
+    enrich::{Attributor, Process},
+    event::CommandEvent,
+    pipeline::{Shared, WatchInterest},
+};
+
+/// The filters of the open Watch streams, pushed down to the pipeline: it builds events only
+/// for connections of processes one of them may want.
+#[derive(Default)]
+pub struct Watching(Mutex<WatchingSets>);
+
+#[derive(Default)]
+struct WatchingSets {
+    next: u64,
+    sets: BTreeMap<u64, FilterSet>,
+}
+
+impl Watching {
+    fn start(&self, shared: &Shared, filters: &FilterSet) -> u64 {
+        let mut watching = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let id = watching.next;
+        watching.next += 1;
+        watching.sets.insert(id, filters.clone());
+        shared.set_watch_interest(Some(Arc::new(Interest(
+            watching.sets.values().cloned().collect(),
+        ))));
+        id
+    }
+
+    fn end(&self, shared: &Shared, id: u64) {
+        let mut watching = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        watching.sets.remove(&id);
+        let interest: Vec<FilterSet> = watching.sets.values().cloned().collect();
+        shared.set_watch_interest(Some(Arc::new(Interest(interest))));
+    }
+}
+
+/// The open streams' filters, as the pipeline asks them.
+struct Interest(Vec<FilterSet>);
+
+impl WatchInterest for Interest {
+    fn may_want(&self, process: &Process, attributor: &Attributor) -> bool {
+        let key = attributor.process_key(process);
+        self.0
+            .iter()
+            .any(|filters| filters.may_want_process(&key, attributor))
+    }
+}
+
+/// A stream's place in [`Watching`], given up when the stream's task ends however it ends.
+struct Registered {
+    state: Arc<ServeState>,
+    id: u64,
+}
+
+impl Drop for Registered {
+    fn drop(&mut self) {
+        self.state.watching.end(&self.state.shared, self.id);
+    }
+}
 
 type Item = Result<v1::WatchResponse, Status>;
 
@@ -29,6 +88,11 @@ pub fn subscribe(
     authorized: Option<Authorized>,
     last: usize,
 ) -> ReceiverStream<Item> {
+    // Its filters go to the pipeline first: events it may want are built from the next batch.
+    let registered = Registered {
+        id: state.watching.start(&state.shared, &filters),
+        state: Arc::clone(&state),
+    };
     let live = state.shared.events.subscribe();
     // Recent events, taken after subscribing: the ones also still on their way through the
     // broadcast are skipped there (by identity).
@@ -55,6 +119,7 @@ pub fn subscribe(
     // The caller has counted this subscriber in `state.subscribers`; it is uncounted on drop.
     let (tx, rx) = mpsc::channel(state.watch_queue);
     let subscriber = Subscriber {
+        _registered: registered,
         state,
         filters,
         authorized,
@@ -75,6 +140,7 @@ struct Pending {
 }
 
 struct Subscriber {
+    _registered: Registered,
     state: Arc<ServeState>,
     filters: FilterSet,
     /// With `--authz kubernetes`: checked again once per cache lifetime.
