@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Instructions the daemon's user-space stages spend per command, counted exactly (callgrind),
 # for each case of the pipeline bench (daemon/benches/pipeline.rs: p1, p1-watched,
-# p1-watched-other, p16, mixed): the records of a case go through `Stages` once, and only that run is counted (not
+# p1-watched-other, p16, mixed, and captured-p1/captured-p16 when benches/capture-records.sh has
+# written them): the records of a case go through `Stages` once, and only that run is counted (not
 # making the records). Both sides of a command together, as the bench's ns/command.
 # Usage: benches/pipeline-instructions.sh [case...]   (needs valgrind; builds the bench)
 set -euo pipefail
@@ -17,7 +18,12 @@ for line in sys.stdin:
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 cases=("$@")
-[ ${#cases[@]} -gt 0 ] || cases=(p1 p1-watched p1-watched-other p16 mixed)
+if [ ${#cases[@]} -eq 0 ]; then
+  cases=(p1 p1-watched p1-watched-other p16 mixed)
+  for captured in p1 p16; do
+    [ -f "target/bench-records/$captured.records" ] && cases+=("captured-$captured")
+  done
+fi
 printf '%18s %16s %10s\n' case instructions/cmd commands
 for case in "${cases[@]}"; do
   line=$(RESPWATCH_BENCH_CASE=$case valgrind --tool=callgrind --callgrind-out-file="$out/$case" \

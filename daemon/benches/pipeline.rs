@@ -12,7 +12,10 @@
 //! - `p1-watched-other`: the same with one Watch subscriber of another process (its filters
 //!   reach the decode stage: no event of this traffic is built);
 //! - `p16`: `-P 16`, nobody watching;
-//! - `mixed`: errors, MULTI/EXEC, pub/sub, RESP3 and 100 KB values (`records::Mixed`).
+//! - `mixed`: errors, MULTI/EXEC, pub/sub, RESP3 and 100 KB values (`records::Mixed`);
+//! - `captured-p1`, `captured-p16`: ring records of real `redis-benchmark -c 50 -t set,get`
+//!   runs as the kernel delivered them (`benches/capture-records.sh` writes them to
+//!   `target/bench-records`, or `$RESPWATCH_BENCH_RECORDS`), when they are there.
 //!
 //! The baseline, measured in the same run, is `Record::parse` alone: reading each record's
 //! header in place, which no design can skip.
@@ -72,7 +75,20 @@ fn cases() -> Vec<Case> {
     }
     let (p1, p1_commands) = records::benchmark(50, 1, COMMANDS);
     let (p16, p16_commands) = records::benchmark(64, 16, COMMANDS);
-    vec![
+    let captured = ["p1", "p16"].into_iter().filter_map(|name| {
+        let (records, commands) = captured(name)?;
+        Some(Case {
+            name: if name == "p1" {
+                "captured-p1"
+            } else {
+                "captured-p16"
+            },
+            records,
+            commands,
+            watcher: Watcher::Nobody,
+        })
+    });
+    let mut cases = vec![
         Case {
             name: "p1",
             records: p1.clone(),
@@ -103,7 +119,34 @@ fn cases() -> Vec<Case> {
             commands: mixed_commands,
             watcher: Watcher::Nobody,
         },
-    ]
+    ];
+    cases.extend(captured);
+    cases
+}
+
+/// The records `benches/capture-records.sh` wrote for `name` (each a little-endian `u32`
+/// length, then the record), and the commands the server ran meanwhile; `None` when absent.
+fn captured(name: &str) -> Option<(Vec<Vec<u8>>, usize)> {
+    let dir = std::env::var_os("RESPWATCH_BENCH_RECORDS")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-records")
+        });
+    let bytes = std::fs::read(dir.join(format!("{name}.records"))).ok()?;
+    let commands = std::fs::read_to_string(dir.join(format!("{name}.commands")))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()?;
+    let mut records = Vec::new();
+    let mut rest = &bytes[..];
+    while let Some((len, tail)) = rest.split_first_chunk::<4>() {
+        let len = u32::from_le_bytes(*len) as usize;
+        let (record, tail) = tail.split_at_checked(len)?;
+        records.push(record.to_vec());
+        rest = tail;
+    }
+    Some((records, commands))
 }
 
 /// Every stage, batch by batch, as `Pipeline::run` drives them; returns the events counted.
@@ -164,7 +207,7 @@ fn main() {
         return;
     }
     println!(
-        "{:>12} {:>12} {:>14} {:>8}",
+        "{:>18} {:>12} {:>14} {:>8}",
         "case", "ns/command", "baseline ns", "ratio"
     );
     for case in &cases {
@@ -178,7 +221,7 @@ fn main() {
         );
         let per_command = |d: Duration| d.as_nanos() as f64 / case.commands as f64;
         println!(
-            "{:>12} {:>12.1} {:>14.1} {:>8.1}",
+            "{:>18} {:>12.1} {:>14.1} {:>8.1}",
             case.name,
             per_command(elapsed),
             per_command(baseline),

@@ -5,6 +5,8 @@
 //! tracepoint and no tracefs. Attached through bpf_links, so programs other agents attached to the
 //! same cgroup keep running; dropping [`Capture`] detaches ours (so does the process dying: the
 //! links are file descriptors, never pinned).
+#[cfg(feature = "record-dump")]
+mod dump;
 mod links;
 mod order;
 mod preflight;
@@ -34,6 +36,10 @@ static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"),
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptureError {
+    /// Bench builds only: `$RESPWATCH_RECORD_DUMP` could not be created.
+    #[cfg(feature = "record-dump")]
+    #[error("creating the record dump ($RESPWATCH_RECORD_DUMP): {0}")]
+    RecordDump(std::io::Error),
     #[error(
         "respwatchd needs root, or these capabilities it lacks: {}; CAP_SYS_ADMIN also does",
         missing.join(", ")
@@ -209,6 +215,8 @@ pub struct Capture {
     root: CgroupRoot,
     /// Holds the programs and their links: dropping it detaches everything.
     _ebpf: Ebpf,
+    #[cfg(feature = "record-dump")]
+    dump: Option<dump::RecordDump>,
 }
 
 /// Records of one batch, borrowed from the rings: their space goes back to the kernel when the
@@ -339,6 +347,8 @@ impl Capture {
             program_ids,
             root,
             _ebpf: ebpf,
+            #[cfg(feature = "record-dump")]
+            dump: dump::RecordDump::from_env().map_err(CaptureError::RecordDump)?,
         })
     }
 
@@ -394,6 +404,8 @@ impl Capture {
         starts.clear();
         let mut ranges = Vec::with_capacity(self.rings.len());
         let mut cut_short = Vec::new();
+        #[cfg(feature = "record-dump")]
+        let mut raws = Vec::new();
         for ring in &self.rings {
             let ring = ring.get_ref();
             let from = out.len();
@@ -407,6 +419,8 @@ impl Capture {
                     Ok(record) => {
                         out.push(record);
                         starts.push(slot.start);
+                        #[cfg(feature = "record-dump")]
+                        raws.push(slot.bytes);
                     }
                     Err(error) => bad.push(error),
                 }
@@ -433,6 +447,15 @@ impl Capture {
                 ring.get_ref().rewind(starts[at - base]);
                 keep[at - base..range.end - base].fill(false);
             }
+        }
+        #[cfg(feature = "record-dump")]
+        if let Some(dump) = &self.dump {
+            dump.write(
+                raws.into_iter()
+                    .zip(&keep)
+                    .filter_map(|(raw, kept)| kept.then_some(raw))
+                    .collect(),
+            );
         }
         let mut index = 0;
         out.retain(|_| {
