@@ -1050,6 +1050,7 @@ fn memory_stays_bounded_under_hostile_streams() {
             format!(r#"respwatch_commands_total{{comm="python",role="{role}",command="set"}}"#);
         assert_eq!(sample(&text, &sets), None, "queued SETs counted as calls");
     }
+    eprintln!("heap per round {rss:?} MiB, {idle:.0} MiB before the first; dropped {dropped:?}");
     // Unbounded, the transaction queues alone would hold 480,000 requests of 200 bytes (three
     // queues of 80,000, seen from both ends), and grow with whatever clients queue.
     assert!(

@@ -14,7 +14,7 @@ mod record;
 mod ring;
 
 use std::{
-    cell::Cell,
+    cell::{Cell, RefCell},
     os::fd::AsFd,
     path::{Path, PathBuf},
     task::Poll,
@@ -26,6 +26,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSkb, CgroupSkbAttachType, SockOps},
 };
 use respwatch_common::{CloseRecord, LOSS_REASONS, LossReason, RING_MAPS, kernel_counter};
+use smallvec::SmallVec;
 use tokio::io::unix::AsyncFd;
 
 pub use preflight::CgroupRoot;
@@ -217,6 +218,16 @@ pub struct Capture {
     _ebpf: Ebpf,
     #[cfg(feature = "record-dump")]
     dump: Option<dump::RecordDump>,
+    scratch: RefCell<BatchScratch>,
+}
+
+/// What [`Capture::read_batch`] works in: per ring the records it took, the rings whose batch
+/// was cut short, and which records stay in the batch.
+#[derive(Default)]
+struct BatchScratch {
+    ranges: Vec<std::ops::Range<usize>>,
+    cut_short: Vec<u64>,
+    keep: Vec<bool>,
 }
 
 /// Records of one batch, borrowed from the rings: their space goes back to the kernel when the
@@ -224,7 +235,7 @@ pub struct Capture {
 pub struct Batch<'a> {
     capture: &'a Capture,
     /// Per ring, how far its records were taken.
-    positions: Vec<u64>,
+    positions: SmallVec<[u64; 8]>,
 }
 
 impl Drop for Batch<'_> {
@@ -349,6 +360,7 @@ impl Capture {
             _ebpf: ebpf,
             #[cfg(feature = "record-dump")]
             dump: dump::RecordDump::from_env().map_err(CaptureError::RecordDump)?,
+            scratch: RefCell::default(),
         })
     }
 
@@ -402,8 +414,15 @@ impl Capture {
         let first_watermark = order::watermark(drained_from, []);
         let base = out.len();
         starts.clear();
-        let mut ranges = Vec::with_capacity(self.rings.len());
-        let mut cut_short = Vec::new();
+        // Kept across batches: a batch allocates nothing.
+        let mut scratch = self.scratch.borrow_mut();
+        let BatchScratch {
+            ranges,
+            cut_short,
+            keep,
+        } = &mut *scratch;
+        ranges.clear();
+        cut_short.clear();
         #[cfg(feature = "record-dump")]
         let mut raws = Vec::new();
         for ring in &self.rings {
@@ -435,10 +454,11 @@ impl Capture {
             ranges.push(from..out.len());
         }
         self.more.set(!cut_short.is_empty());
-        let watermark = order::watermark(drained_from, cut_short);
+        let watermark = order::watermark(drained_from, cut_short.iter().copied());
         // Records past the final watermark go back to their ring, with everything after them.
-        let mut keep = vec![true; out.len() - base];
-        for (ring, range) in self.rings.iter().zip(&ranges) {
+        keep.clear();
+        keep.resize(out.len() - base, true);
+        for (ring, range) in self.rings.iter().zip(ranges.iter()) {
             if let Some(first_late) = out[range.clone()]
                 .iter()
                 .position(|record| record.ts_ns() > watermark)
@@ -452,7 +472,7 @@ impl Capture {
         if let Some(dump) = &self.dump {
             dump.write(
                 raws.into_iter()
-                    .zip(&keep)
+                    .zip(keep.iter())
                     .filter_map(|(raw, kept)| kept.then_some(raw))
                     .collect(),
             );
