@@ -16,18 +16,8 @@ daemon=target/record-dump/release/respwatchd
 out=target/bench-records
 mkdir -p "$out"
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port=$(free_port)
-redis-server --port "$port" --save '' --appendonly no --daemonize no --loglevel warning >/dev/null &
-redis_pid=$!
-daemon_pid=
-cleanup() {
-  [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null || true
-  kill "$redis_pid" 2>/dev/null || true
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
+source benches/common.sh
+start_redis
 commands() { redis-cli -p "$port" info stats | awk -F: '/^total_commands_processed/ { print $2 + 0 }'; }
 
 for pipeline in 1 16; do

@@ -13,21 +13,12 @@ bash scripts/bootstrap.sh >/dev/null
 export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --release -q -p respwatchd
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port=$(free_port)
+source benches/common.sh
+start_redis --maxclients 4000
 metrics_port=$(free_port)
-redis-server --port "$port" --save '' --appendonly no --daemonize no --loglevel warning \
-  --maxclients 4000 >/dev/null &
-redis_pid=$!
 ./target/release/respwatchd --grpc-listen "127.0.0.1:$(free_port)" \
   --metrics-listen "127.0.0.1:$metrics_port" --log warn &
 daemon_pid=$!
-cleanup() {
-  kill "$daemon_pid" "$redis_pid" 2>/dev/null || true
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
 until curl -sf "127.0.0.1:$metrics_port/metrics" >/dev/null; do
   kill -0 "$daemon_pid" || { echo "respwatchd exited during startup" >&2; exit 1; }
   sleep 0.1

@@ -308,9 +308,7 @@ elif cmd == "report":
                   f" {statistics.median(ns) / 1e6:>9.1f}")
 PY
 
-free_port() {
-  python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
-}
+source benches/common.sh
 
 # Whether a child process still runs (a zombie, exited but not yet waited for, does not).
 alive() {

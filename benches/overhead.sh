@@ -21,18 +21,8 @@ if [ -n "${RESPWATCHD_BASELINE:-}" ]; then
   builds+=("baseline:$RESPWATCHD_BASELINE")
 fi
 
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port=$(free_port)
-redis-server --port "$port" --save '' --appendonly no --daemonize no --loglevel warning >/dev/null &
-redis_pid=$!
-daemon_pid=
-cleanup() {
-  [ -n "$daemon_pid" ] && kill "$daemon_pid" 2>/dev/null || true
-  kill "$redis_pid" 2>/dev/null || true
-  wait 2>/dev/null || true
-}
-trap cleanup EXIT
-until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.05; done
+source benches/common.sh
+start_redis
 
 # The daemon serves /metrics only once its programs are loaded and attached. Loading (the
 # kernel's verifier) takes CPU: counted as the daemon's cost of the first commands, it would
