@@ -24,6 +24,8 @@ use crate::{
 
 /// Room for a batch's command events kept between batches.
 const KEPT_EVENTS: usize = 4096;
+/// Batches in a row that fit in [`KEPT_EVENTS`] before more room than that is let go.
+const QUIET_BATCHES: u32 = 64;
 
 /// How often connections of exited processes are ended and kernel loss counters read.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
@@ -217,6 +219,8 @@ pub struct Stages {
     interest: Option<Arc<dyn WatchInterest>>,
     interest_taken: (u64, u64),
     detail_generation: u64,
+    /// Batches in a row whose events fit in [`KEPT_EVENTS`].
+    quiet_batches: u32,
 }
 
 impl Stages {
@@ -230,6 +234,7 @@ impl Stages {
             interest: None,
             interest_taken: (u64::MAX, u64::MAX),
             detail_generation: 0,
+            quiet_batches: 0,
         }
     }
 
@@ -301,13 +306,20 @@ impl Stages {
             self.decode
                 .accept(&event, &mut self.command_events, &wanted);
         }
+        let used = self.command_events.len();
         shared.publish(
             &mut self.command_events,
             detail != Detail::Off,
             &mut self.out_of_scope,
         );
-        // A burst's room is not kept for good.
-        if self.command_events.capacity() > KEPT_EVENTS {
+        // A burst's room is not kept for good, but a steady high rate keeps it: given up and
+        // grown again every batch, it cost more than it saved.
+        self.quiet_batches = if used > KEPT_EVENTS {
+            0
+        } else {
+            self.quiet_batches.saturating_add(1)
+        };
+        if self.command_events.capacity() > KEPT_EVENTS && self.quiet_batches >= QUIET_BATCHES {
             self.command_events = Vec::with_capacity(KEPT_EVENTS);
         }
         tally

@@ -222,12 +222,13 @@ pub struct Capture {
 }
 
 /// What [`Capture::read_batch`] works in: per ring the records it took, the rings whose batch
-/// was cut short, and which records stay in the batch.
+/// was cut short, which records stay in the batch, and the keys it is put in order by.
 #[derive(Default)]
 struct BatchScratch {
     ranges: Vec<std::ops::Range<usize>>,
     cut_short: Vec<u64>,
     keep: Vec<bool>,
+    sort_keys: Vec<(u64, u32)>,
 }
 
 /// Records of one batch, borrowed from the rings: their space goes back to the kernel when the
@@ -420,6 +421,7 @@ impl Capture {
             ranges,
             cut_short,
             keep,
+            sort_keys,
         } = &mut *scratch;
         ranges.clear();
         cut_short.clear();
@@ -490,7 +492,7 @@ impl Capture {
             .count();
         self.late.set(self.late.get() + late as u64);
         self.handed_on_up_to.set(handed_on_up_to.max(watermark));
-        order::merge(&mut out[base..]);
+        order::merge(&mut out[base..], sort_keys);
         Batch {
             capture: self,
             positions: self
