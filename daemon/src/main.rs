@@ -29,25 +29,6 @@ use tracing_subscriber::EnvFilter;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// `mi_option_purge_delay` in the `mi_option_e` of the mimalloc that `libmimalloc-sys` 0.1.49
-/// builds (`mimalloc.h`); the crate binds options only behind a feature whose dependency is not
-/// available here.
-const MI_OPTION_PURGE_DELAY: std::ffi::c_int = 15;
-
-unsafe extern "C" {
-    fn mi_option_set(option: std::ffi::c_int, value: std::ffi::c_long);
-}
-
-/// Memory a burst took (a hostile peer's pending requests, a spike of connections) goes back
-/// to the kernel as soon as it is freed, instead of after mimalloc's 10 ms (100 ms for arenas):
-/// the heap follows what is held, not its peaks. Steady capture frees nothing (no allocation
-/// per command, per batch buffers kept), so this costs nothing there.
-fn purge_freed_memory_at_once() {
-    // SAFETY: mimalloc's documented API, with an option of its enum and a value it allows
-    // (0: purge immediately); options may be set at any time.
-    unsafe { mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
-}
-
 /// Watches Redis (RESP) traffic of every process on this node with eBPF.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -173,7 +154,6 @@ fn parse_listen(text: &str) -> Result<ListenAddr, String> {
 }
 
 fn main() -> ExitCode {
-    purge_freed_memory_at_once();
     let args = Args::parse();
     let filter = match EnvFilter::try_new(&args.log) {
         Ok(filter) => filter,
