@@ -34,6 +34,8 @@ pub struct RowKey {
     pub namespace: String,
     pub pod: String,
     pub container: String,
+    /// 0: what exited processes of this name counted (see [`Aggregator::expire`]), or a
+    /// process not known.
     pub pid: u32,
     pub comm: String,
     /// Client role: the server's `ip:port`; server role: the client's IP.
@@ -419,7 +421,27 @@ impl WindowStats {
             }
         }
         if let Some(error) = &event.error {
-            self.count_error(&error.prefix);
+            self.count_error(&error.prefix, 1);
+        }
+    }
+
+    fn merge(&mut self, other: &WindowStats) {
+        self.calls += other.calls;
+        self.latency_ns += other.latency_ns;
+        self.rejected_calls += other.rejected_calls;
+        self.failed_calls += other.failed_calls;
+        self.max_ns = self.max_ns.max(other.max_ns);
+        self.bytes_in += other.bytes_in;
+        self.bytes_out += other.bytes_out;
+        self.last_seen_ns = self.last_seen_ns.max(other.last_seen_ns);
+        for &(bucket, count) in &other.buckets {
+            match self.buckets.binary_search_by_key(&bucket, |(b, _)| *b) {
+                Ok(at) => self.buckets[at].1 += count,
+                Err(at) => self.buckets.insert(at, (bucket, count)),
+            }
+        }
+        for (prefix, count) in &other.errors {
+            self.count_error(prefix, *count);
         }
     }
 
@@ -429,19 +451,20 @@ impl WindowStats {
         clippy::ptr_arg,
         reason = "the Cow itself is cloned when kept, so a borrowed prefix is never copied"
     )]
-    fn count_error(&mut self, prefix: &Cow<'static, str>) {
-        if let Some((_, count)) = self.errors.iter_mut().find(|(known, _)| known == prefix) {
-            *count += 1;
+    fn count_error(&mut self, prefix: &Cow<'static, str>, count: u64) {
+        if let Some((_, total)) = self.errors.iter_mut().find(|(known, _)| known == prefix) {
+            *total += count;
         } else if self.errors.len() < MAX_ERROR_PREFIXES {
-            self.errors.push((prefix.clone(), 1));
-        } else if let Some((_, count)) = self
+            self.errors.push((prefix.clone(), count));
+        } else if let Some((_, total)) = self
             .errors
             .iter_mut()
             .find(|(known, _)| known == OVERFLOW_ERROR_PREFIX)
         {
-            *count += 1;
+            *total += count;
         } else {
-            self.errors.push((Cow::Borrowed(OVERFLOW_ERROR_PREFIX), 1));
+            self.errors
+                .push((Cow::Borrowed(OVERFLOW_ERROR_PREFIX), count));
         }
     }
 
@@ -702,35 +725,88 @@ impl Aggregator {
         grouped.into_iter().collect()
     }
 
-    /// Forgets rows whose process is gone and that saw nothing for `grace_ns`, so series of
-    /// exited processes and deleted pods do not live forever; returns how many. Drain changes
-    /// first: what an expired row counted since the last drain is not handed out.
+    /// Forgets rows that saw nothing for `grace_ns` and can count no more; returns how many.
+    /// A row of an exited process folds into its key's process-less row (pid 0, same name),
+    /// so sums over anything but the pid never go down (`rate()` would read that as a
+    /// reset); process-less rows stay while their pod does. Rows of a pod gone for good
+    /// (`pod_gone`) go with everything they counted, as their series leave `/metrics`.
     pub fn expire(
         &mut self,
         now_unix_ns: u64,
         grace_ns: u64,
-        alive: impl Fn(&RowKey) -> bool,
+        process_alive: impl Fn(u32) -> bool,
+        pod_gone: impl Fn(&RowKey) -> bool,
     ) -> usize {
         let mut expired = 0;
-        for (id, slot) in self.rows.iter_mut().enumerate() {
-            let gone = slot.as_ref().is_some_and(|row| {
-                !alive(&row.key) && now_unix_ns.saturating_sub(row.stats.last_seen_ns) >= grace_ns
-            });
-            if gone && let Some(row) = slot.take() {
-                let id = id as u32;
-                self.by_key.remove(&row.key);
-                self.free.push(id);
-                for kept in self.recent.iter_mut().chain(&mut self.spare_seconds) {
-                    kept.rows.remove(&id);
+        for id in 0..self.rows.len() {
+            let fold = match &self.rows[id] {
+                Some(row) if now_unix_ns.saturating_sub(row.stats.last_seen_ns) >= grace_ns => {
+                    if pod_gone(&row.key) {
+                        false
+                    } else if row.key.pid != 0 && !process_alive(row.key.pid) {
+                        true
+                    } else {
+                        continue;
+                    }
                 }
-                expired += 1;
+                _ => continue,
+            };
+            let Some(row) = self.rows[id].take() else {
+                continue;
+            };
+            let id = id as u32;
+            self.by_key.remove(&row.key);
+            let into = fold.then(|| self.fold(row));
+            for kept in self.recent.iter_mut().chain(&mut self.spare_seconds) {
+                if let Some(stats) = kept.rows.remove(&id)
+                    && let Some(into) = into
+                {
+                    kept.rows.entry(into).or_default().merge(&stats);
+                }
             }
+            // Freed only now: the process-less row must not take this id while the window
+            // still holds the expired row's seconds under it.
+            self.free.push(id);
+            expired += 1;
         }
         if expired > 0 {
             // Slots may point at freed ids, which new rows will reuse.
             self.slots.clear();
         }
         expired
+    }
+
+    /// Adds an expired row to its process-less row (made when new); returns that row's id.
+    /// What the expired row had not handed to the exporter yet is handed out from there.
+    fn fold(&mut self, row: Row) -> u32 {
+        let key = RowKey { pid: 0, ..row.key };
+        let into = self.row_by_key(key);
+        let Some(Some(kept)) = self.rows.get_mut(into as usize) else {
+            return into;
+        };
+        kept.stats.merge(&row.stats);
+        // Prefixes the kept row had no room for count under the overflow prefix there, so
+        // what was exported of them is counted there too.
+        let mut exported = row.exported;
+        exported.errors = std::mem::take(&mut exported.errors)
+            .into_iter()
+            .map(|(prefix, count)| {
+                if kept.stats.errors.contains_key(&prefix) {
+                    (prefix, count)
+                } else {
+                    (OVERFLOW_ERROR_PREFIX.to_owned(), count)
+                }
+            })
+            .fold(BTreeMap::new(), |mut errors, (prefix, count)| {
+                *errors.entry(prefix).or_default() += count;
+                errors
+            });
+        kept.exported.add(&exported);
+        if row.changed && !kept.changed {
+            kept.changed = true;
+            self.changed.push(into);
+        }
+        into
     }
 }
 
@@ -889,6 +965,76 @@ mod tests {
             events.len() as u64,
             "none lost"
         );
+    }
+
+    /// When a process's rows expire, sums over anything but the pid stay what they were,
+    /// cumulative and over the window: its name's process-less row (pid 0) keeps them. Rows
+    /// of a pod gone for good go with what they counted.
+    #[test]
+    fn rows_of_exited_processes_fold_into_their_process_less_rows() {
+        let (gone, also_gone, staying) = (conn(1, 10), conn(2, 11), conn(3, 12));
+        let mut aggregator = Aggregator::new();
+        aggregator.record_batch(
+            &[
+                event(&gone, "get", 100, 1_000),
+                event(&gone, "set", 100, 2_000),
+                event(&also_gone, "get", 101, 3_000_000),
+                event(&staying, "get", 101, 1_000),
+            ],
+            0,
+            key_of,
+        );
+        let sums = |aggregator: &Aggregator| {
+            let sorted = |mut rows: Vec<(RowKey, RowStats)>| {
+                rows.sort_by(|a, b| a.0.command.cmp(&b.0.command));
+                rows
+            };
+            (
+                sorted(aggregator.query(|_| true, &[GroupBy::Command], None)),
+                sorted(aggregator.query(|_| true, &[GroupBy::Command], Some((101, 10)))),
+            )
+        };
+        let before = sums(&aggregator);
+        let expired = aggregator.expire(110_000_000_000, 5_000_000_000, |pid| pid == 12, |_| false);
+        assert_eq!(expired, 3, "10's get and set, 11's get");
+        assert_eq!(sums(&aggregator), before);
+        let by_process = aggregator.query(|_| true, &[GroupBy::Process, GroupBy::Command], None);
+        assert_eq!(calls(&by_process, 0, "get"), 2);
+        assert_eq!(calls(&by_process, 0, "set"), 1);
+        assert_eq!(calls(&by_process, 12, "get"), 1);
+        assert!(by_process.iter().all(|(key, _)| key.comm == "app"));
+        assert_eq!(aggregator.rows(), 3);
+        // Process-less rows stay while their pod does, and go with it.
+        assert_eq!(
+            aggregator.expire(200_000_000_000, 5_000_000_000, |_| false, |_| false),
+            1
+        );
+        assert_eq!(aggregator.rows(), 2);
+        assert_eq!(
+            aggregator.expire(200_000_000_000, 5_000_000_000, |_| false, |_| true),
+            2
+        );
+        assert_eq!(aggregator.rows(), 0);
+    }
+
+    /// What an expired row counted is handed to the exporter once: through its own row before
+    /// it expired, the rest through the row it folded into.
+    #[test]
+    fn an_expired_rows_counts_are_handed_out_once() {
+        let (gone, later) = (conn(1, 10), conn(2, 11));
+        let mut aggregator = Aggregator::new();
+        let handed = |aggregator: &mut Aggregator| {
+            let mut calls = 0;
+            aggregator.drain_changes(|_, totals| calls += totals.calls);
+            calls
+        };
+        aggregator.record_batch(&[event(&gone, "get", 100, 1_000)], 0, key_of);
+        assert_eq!(handed(&mut aggregator), 1);
+        aggregator.record_batch(&[event(&gone, "get", 100, 1_000)], 0, key_of);
+        aggregator.record_batch(&[event(&later, "get", 100, 1_000)], 0, key_of);
+        aggregator.expire(110_000_000_000, 1, |pid| pid == 11, |_| false);
+        assert_eq!(handed(&mut aggregator), 2, "10's undrained get and 11's");
+        assert_eq!(handed(&mut aggregator), 0);
     }
 
     #[test]

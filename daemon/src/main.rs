@@ -59,7 +59,8 @@ struct Args {
     /// Key names are never labels.
     #[arg(long, env = "RESPWATCH_METRICS_LABELS", default_value_t = MetricLabels::default())]
     metrics_labels: MetricLabels,
-    /// Seconds after which stats rows of exited processes that saw no traffic are forgotten.
+    /// Seconds after which a stats row of an exited process that saw no traffic folds into its
+    /// name's process-less row (pid 0), so sums never go down; rows of deleted pods go.
     #[arg(long, env = "RESPWATCH_EXPIRE_SECONDS", default_value_t = 300)]
     expire_seconds: u64,
     /// This node's name in API responses (the Kubernetes node name in a DaemonSet).

@@ -877,11 +877,12 @@ fn sample(exposition: &str, series: &str) -> Option<f64> {
         .find_map(|line| line.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
-/// A series sums the rows of several processes. When one of them exits and its row expires, the
-/// series keeps what that process counted: a Prometheus counter never goes down while its
-/// series lives (`rate()` would read it as a reset), and it goes away with its last process.
+/// A series sums the rows of several processes. When they exit and their rows expire, what they
+/// counted folds into their name's process-less row (pid 0): a Prometheus counter never goes
+/// down while its series lives (`rate()` would read it as a reset), and GetStats, summed the
+/// same way, still agrees with it.
 #[test]
-fn metric_counters_never_go_down_when_a_process_row_expires() {
+fn counters_never_go_down_when_process_rows_expire() {
     let _turn = one_daemon_at_a_time();
     let server = redis::RedisServer::start(&[]);
     let port = server.port.to_string();
@@ -901,8 +902,8 @@ fn metric_counters_never_go_down_when_a_process_row_expires() {
         &cli,
     )
     .expect("copy redis-cli");
-    let metrics_port = free_port();
-    let mut command = daemon_at(metrics_port);
+    let (grpc_port, metrics_port) = (free_port(), free_port());
+    let mut command = daemon_serving_at(grpc_port, metrics_port);
     command.args([
         "--expire-seconds",
         "1",
@@ -927,47 +928,93 @@ fn metric_counters_never_go_down_when_a_process_row_expires() {
     }
     let series = r#"respwatch_commands_total{comm="rw-expiry-cli",role="client",command="set"}"#;
     let scrape = || http_get(metrics_port, "/metrics");
+    // GetStats' rows of our clients' SETs: (pid, calls), sorted.
+    let stats_rows = || {
+        let out = grpcurl(&[
+            "-plaintext",
+            "-import-path",
+            concat!(env!("CARGO_MANIFEST_DIR"), "/../proto"),
+            "-proto",
+            "respwatch/v1/respwatch.proto",
+            "-d",
+            r#"{"allow": [{"comm": "rw-expiry-cli", "role": "ROLE_CLIENT", "command": "set"}]}"#,
+            &format!("127.0.0.1:{grpc_port}"),
+            "respwatch.v1.Observer/GetStats",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let reply: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+        let number = |value: &serde_json::Value| -> u64 {
+            match value {
+                serde_json::Value::String(text) => text.parse().expect("number"),
+                other => other.as_u64().unwrap_or_default(),
+            }
+        };
+        let mut rows: Vec<(u64, u64)> = reply["rows"]
+            .as_array()
+            .map(|rows| {
+                rows.iter()
+                    .map(|row| (number(&row["pid"]), number(&row["calls"])))
+                    .collect()
+            })
+            .unwrap_or_default();
+        rows.sort_unstable();
+        rows
+    };
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let rows_before = loop {
+    loop {
         let text = scrape();
         if sample(&text, series) == Some(4.0) {
-            break sample(&text, "respwatch_stats_rows").expect("rows gauge");
+            break;
         }
         assert!(
             std::time::Instant::now() < deadline,
             "4 SETs never showed: {text}"
         );
         std::thread::sleep(Duration::from_millis(100));
-    };
-    // The three exited clients' rows expire (1 s idle); the series must not move.
+    }
+    // The three exited clients' rows expire (1 s idle) into one; the series must not move.
+    let staying_pid = u64::from(staying.0.id());
     loop {
         let text = scrape();
         assert_eq!(sample(&text, series), Some(4.0), "while rows expire");
-        if sample(&text, "respwatch_stats_rows").expect("rows gauge") <= rows_before - 3.0 {
+        let rows = stats_rows();
+        assert_eq!(
+            rows.iter().map(|(_, calls)| calls).sum::<u64>(),
+            4,
+            "{rows:?}"
+        );
+        if rows == [(0, 3), (staying_pid, 1)] {
             break;
         }
         assert!(
             std::time::Instant::now() < deadline,
-            "no row expired: {text}"
+            "no row expired: {rows:?}"
         );
         std::thread::sleep(Duration::from_millis(100));
     }
-    // With its last process gone, the series goes too: nothing is kept for it (it leaves the
-    // exposition once the recorder has not been fed it for 5 s).
+    // The last process goes too: its series stays, and GetStats keeps all four under pid 0.
     drop(staying);
-    let deadline = std::time::Instant::now() + Duration::from_secs(45);
-    loop {
-        let text = scrape();
-        match sample(&text, series) {
-            None => break,
-            Some(value) => assert_eq!(value, 4.0, "until the series goes"),
-        }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while stats_rows() != [(0, 4)] {
         assert!(
             std::time::Instant::now() < deadline,
-            "the series stayed: {text}"
+            "the last row did not fold: {:?}",
+            stats_rows()
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Past the recorder's idle timeout (5 s): the series is still fed.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        sample(&scrape(), series),
+        Some(4.0),
+        "after every process went"
+    );
+    assert_eq!(stats_rows(), [(0, 4)]);
     signal(&daemon.0, libc::SIGTERM);
     let _ = daemon.0.wait();
     let _ = std::fs::remove_dir_all(dir);

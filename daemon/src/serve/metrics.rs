@@ -930,10 +930,10 @@ mod tests {
         );
     }
 
-    /// A series keeps what its expired rows counted while another row still counts in it, and
-    /// is forgotten with its last row.
+    /// A series keeps what exited processes counted after their rows expired (they fold into
+    /// the process-less row), and goes with its pod.
     #[test]
-    fn a_series_keeps_expired_rows_counts_until_its_last_row_goes() {
+    fn a_series_keeps_what_exited_processes_counted_until_its_pod_goes() {
         let state = state_with("command");
         let now = crate::serve::now_unix_ns() / 1_000_000_000;
         let (gone, staying) = (conn(1, 101), conn(2, 202));
@@ -946,23 +946,42 @@ mod tests {
         );
         record(&state, &[event(&staying, "get", now, 1_000)]);
         state.exporter.flush(&state);
-        let expire = |alive: u32, at: u64| {
+        let expire = |alive: u32, pod_gone: bool, at: u64| {
             let attributor = &state.shared.attributor;
             let live: Vec<RowKey> = {
                 let mut aggregator = state.shared.aggregator.lock().expect("lock");
-                aggregator.expire(at * 1_000_000_000, 1_000_000_000, |key| key.pid == alive);
+                aggregator.expire(
+                    at * 1_000_000_000,
+                    1_000_000_000,
+                    |pid| pid == alive,
+                    |_| pod_gone,
+                );
                 aggregator.keys().cloned().collect()
             };
             state.exporter.forget_series_without_rows(&live, attributor);
+            state.exporter.flush(&state);
         };
-        expire(202, now);
-        assert_eq!(state.shared.aggregator.lock().expect("lock").rows(), 1);
+        let series = r#"respwatch_commands_total{command="get"} "#;
+        expire(202, false, now);
+        let pids = || -> Vec<u32> {
+            let aggregator = state.shared.aggregator.lock().expect("lock");
+            let mut pids: Vec<u32> = aggregator.keys().map(|key| key.pid).collect();
+            pids.sort_unstable();
+            pids
+        };
+        assert_eq!(
+            pids(),
+            [0, 202],
+            "101's row folded into the process-less row"
+        );
         record(&state, &[event(&staying, "get", now, 1_000)]);
         state.exporter.flush(&state);
-        let series = r#"respwatch_commands_total{command="get"} "#;
         assert_eq!(total(&state.exporter.render(), series), 4.0);
-        expire(0, now + 2);
-        state.exporter.flush(&state);
+        expire(0, false, now + 2);
+        assert_eq!(pids(), [0]);
+        assert_eq!(total(&state.exporter.render(), series), 4.0, "all exited");
+        expire(0, true, now + 2);
+        assert!(pids().is_empty());
         assert!(state.exporter.tables().series.is_empty());
     }
 

@@ -195,8 +195,9 @@ impl Servers {
     }
 }
 
-/// Feeds `/metrics` every [`metrics::FLUSH_INTERVAL`]; rows of exited processes, and of pods
-/// deleted longer than the pod grace period ago, expire once idle for `grace`.
+/// Feeds `/metrics` every [`metrics::FLUSH_INTERVAL`]; rows of exited processes (folded into
+/// their process-less rows), and of pods deleted longer than the pod grace period ago, expire
+/// once idle for `grace`.
 async fn maintain(
     state: Arc<ServeState>,
     grace: Duration,
@@ -224,9 +225,12 @@ fn expire_rows(state: &ServeState, grace: Duration) {
     let attributor = &state.shared.attributor;
     let live: Vec<_> = match state.shared.aggregator.lock() {
         Ok(mut aggregator) => {
-            aggregator.expire(now_unix_ns(), grace.as_nanos() as u64, |key| {
-                process_alive(key.pid) && !attributor.pod_gone(key)
-            });
+            aggregator.expire(
+                now_unix_ns(),
+                grace.as_nanos() as u64,
+                process_alive,
+                |key| attributor.pod_gone(key),
+            );
             aggregator.keys().cloned().collect()
         }
         Err(_) => return,
