@@ -21,7 +21,10 @@ use kube::{
 use respwatch_proto::v1;
 use tokio::{sync::mpsc, task::JoinSet};
 
-use crate::client::{ServerArgs, Unreachable, connect, status_error};
+use crate::{
+    client::{ServerArgs, Unreachable},
+    watch_stream::{WatchItem, WatchStream},
+};
 
 /// The daemon's gRPC port when its pod names none (`grpc`): the DaemonSet's default.
 const DEFAULT_PORT: u16 = 50051;
@@ -506,7 +509,11 @@ fn partition<T>(
 )]
 pub enum Delivery {
     Message(usize, v1::WatchResponse),
-    /// The daemon could not be reached, refused the Watch, or its stream broke. Last for it.
+    /// The connection under the stream broke and a new stream is open (commands in between
+    /// were not seen): the cause and how long it took.
+    Reconnected(usize, String, std::time::Duration),
+    /// The daemon could not be reached, refused the Watch, or its stream broke for good. Last
+    /// for it.
     Failed(usize, anyhow::Error),
     /// The daemon ended its stream (it is shutting down). Last for it.
     Ended(usize),
@@ -543,22 +550,13 @@ async fn forward(
     request: v1::WatchRequest,
     sender: &mpsc::Sender<Delivery>,
 ) -> anyhow::Result<()> {
-    let mut client = connect(server).await?;
-    let mut stream = client
-        .watch(request)
-        .await
-        .map_err(|s| status_error(&server.server, s))?
-        .into_inner();
-    while let Some(message) = stream
-        .message()
-        .await
-        .map_err(|s| status_error(&server.server, s))?
-    {
-        if sender
-            .send(Delivery::Message(index, message))
-            .await
-            .is_err()
-        {
+    let mut stream = WatchStream::open(server, request).await?;
+    while let Some(item) = stream.next().await? {
+        let delivery = match item {
+            WatchItem::Message(message) => Delivery::Message(index, message),
+            WatchItem::Reconnected { cause, gap } => Delivery::Reconnected(index, cause, gap),
+        };
+        if sender.send(delivery).await.is_err() {
             return Ok(()); // the reader is done
         }
     }

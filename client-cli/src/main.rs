@@ -4,6 +4,7 @@ mod cluster;
 mod cmd;
 mod filters;
 mod format;
+mod watch_stream;
 
 use std::process::ExitCode;
 

@@ -78,6 +78,22 @@ struct Args {
     /// filter pass per command and a queue).
     #[arg(long, env = "RESPWATCH_MAX_SUBSCRIBERS", default_value_t = 64)]
     max_subscribers: u64,
+    /// Seconds a gRPC connection may live: then the daemon asks its client to reconnect
+    /// (HTTP/2 GOAWAY), so no connection keeps what it was let in with forever (redisctl
+    /// watch reconnects by itself). 0: no limit.
+    #[arg(
+        long,
+        env = "RESPWATCH_MAX_CONNECTION_AGE_SECONDS",
+        default_value_t = 1800
+    )]
+    max_connection_age_seconds: u64,
+    /// Seconds a connection past its age may still finish its calls; then it is closed.
+    #[arg(
+        long,
+        env = "RESPWATCH_MAX_CONNECTION_AGE_GRACE_SECONDS",
+        default_value_t = 30
+    )]
+    max_connection_age_grace_seconds: u64,
     /// PEM certificate for TLS on the gRPC port (with --tls-key).
     #[arg(long, env = "RESPWATCH_TLS_CERT", requires = "tls_key")]
     tls_cert: Option<PathBuf>,
@@ -285,6 +301,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
         expire_after: Duration::from_secs(args.expire_seconds),
         watch_queue: args.watch_queue,
         max_subscribers: args.max_subscribers,
+        max_connection_age: (args.max_connection_age_seconds > 0).then(|| {
+            (
+                Duration::from_secs(args.max_connection_age_seconds),
+                Duration::from_secs(args.max_connection_age_grace_seconds),
+            )
+        }),
         authz,
         health_listen: args.health_listen,
         reflection: args.reflection,

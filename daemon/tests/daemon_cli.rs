@@ -5,6 +5,7 @@
 mod kernel;
 mod ports;
 mod redis;
+mod redisctl_bin;
 use ports::free_port;
 use std::{
     io::{BufRead, BufReader},
@@ -1018,6 +1019,80 @@ fn counters_never_go_down_when_process_rows_expire() {
     signal(&daemon.0, libc::SIGTERM);
     let _ = daemon.0.wait();
     let _ = std::fs::remove_dir_all(dir);
+}
+
+/// The daemon closes gRPC connections at their maximum age; `redisctl watch` opens its stream
+/// again by itself, says so in its output, and goes on showing commands.
+#[test]
+fn watch_reconnects_when_the_daemon_closes_its_connection_at_its_maximum_age() {
+    let _turn = one_daemon_at_a_time();
+    let server = redis::RedisServer::start(&[]);
+    let grpc_port = free_port();
+    let mut command = daemon_serving_at(grpc_port, free_port());
+    command.args([
+        "--max-connection-age-seconds",
+        "2",
+        "--max-connection-age-grace-seconds",
+        "1",
+    ]);
+    let (daemon, _) = start(command);
+    let _daemon = Reaped(daemon);
+    // One connection, a PING every 50 ms, for longer than the watch.
+    let client = Command::new("redis-cli")
+        .args([
+            "-p",
+            &server.port.to_string(),
+            "-r",
+            "400",
+            "-i",
+            "0.05",
+            "PING",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("redis-cli");
+    let client = Reaped(client);
+    let watched = Command::new(redisctl_bin::redisctl_path())
+        .args(["--server", &format!("127.0.0.1:{grpc_port}"), "watch"])
+        .args(["--pid", &client.0.id().to_string(), "-o", "json"])
+        .args(["--duration", "9s"])
+        .output()
+        .expect("redisctl");
+    assert!(
+        watched.status.success(),
+        "{}",
+        String::from_utf8_lossy(&watched.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&watched.stdout)
+        .lines()
+        .map(|line| serde_json::from_str(line).expect("a JSON line"))
+        .collect();
+    let reconnects: Vec<usize> = (0..lines.len())
+        .filter(|at| lines[*at].get("reconnected").is_some())
+        .collect();
+    // Connections live 2 s, then 1 s of grace: a 9 s watch is cut at least twice.
+    assert!(reconnects.len() >= 2, "{lines:?}");
+    let pings_after = |at: usize| {
+        lines[at + 1..]
+            .iter()
+            .take_while(|line| line.get("reconnected").is_none())
+            .filter(|line| line["command"] == "ping")
+            .count()
+    };
+    assert!(
+        lines[..reconnects[0]]
+            .iter()
+            .any(|line| line["command"] == "ping"),
+        "no command before the first reconnect"
+    );
+    for at in &reconnects {
+        assert!(
+            lines[*at]["reconnected"]["gap_ms"].as_u64().expect("gap") < 1000,
+            "{}",
+            lines[*at]
+        );
+        assert!(pings_after(*at) > 0, "no command after {}", lines[*at]);
+    }
 }
 
 /// The daemon's resident anonymous memory (its heap and stacks), in MiB: the rings' mappings,

@@ -6,10 +6,11 @@ use serde_json::json;
 
 use super::WatchOutput;
 use crate::{
-    client::{ServerArgs, connect, status_error},
+    client::ServerArgs,
     cluster::{ClusterArgs, Delivery, Failure, discover, none_answered, watch_all},
     filters::{EventFilterArgs, FilterArgs, parse_duration},
     format::{clock, colour_enabled, latency_ns, paint, rfc3339, role, visible, who},
+    watch_stream::{WatchItem, WatchStream},
 };
 
 #[derive(Debug, clap::Args)]
@@ -42,13 +43,7 @@ pub struct WatchArgs {
 }
 
 pub async fn run(server: &ServerArgs, args: WatchArgs) -> anyhow::Result<()> {
-    let mut client = connect(server).await?;
-    let request = watch_request(&args);
-    let mut stream = client
-        .watch(request)
-        .await
-        .map_err(|s| status_error(&server.server, s))?
-        .into_inner();
+    let mut stream = WatchStream::open(server, watch_request(&args)).await?;
     let colour = colour_enabled();
     let deadline = args.duration.map(|d| tokio::time::Instant::now() + d);
     let mut shown = 0u64;
@@ -57,19 +52,26 @@ pub async fn run(server: &ServerArgs, args: WatchArgs) -> anyhow::Result<()> {
         if args.count.is_some_and(|count| shown >= count) {
             return Ok(());
         }
-        let next = async { stream.message().await };
-        let message = match deadline {
+        let next = stream.next();
+        let item = match deadline {
             Some(deadline) => match tokio::time::timeout_at(deadline, next).await {
-                Ok(message) => message,
+                Ok(item) => item,
                 Err(_) => return Ok(()),
             },
             None => next.await,
         };
-        let Some(message) = message.map_err(|s| status_error(&server.server, s))? else {
-            return Ok(());
-        };
-        let Some((line, is_event)) = render(&message, args.output, colour, None) else {
-            continue;
+        let (line, is_event) = match item? {
+            None => return Ok(()),
+            Some(WatchItem::Message(message)) => {
+                match render(&message, args.output, colour, None) {
+                    Some(rendered) => rendered,
+                    None => continue,
+                }
+            }
+            Some(WatchItem::Reconnected { cause, gap }) => (
+                reconnected(&server.server, None, &cause, gap, args.output, colour),
+                false,
+            ),
         };
         shown += u64::from(is_event);
         let mut out = stdout.lock();
@@ -129,6 +131,40 @@ fn render(
     Some(rendered)
 }
 
+/// The line that marks a gap: the stream broke (`cause`) and was opened again after `gap`;
+/// commands in between were not seen.
+fn reconnected(
+    server: &str,
+    node: Option<&str>,
+    cause: &str,
+    gap: Duration,
+    output: WatchOutput,
+    colour: bool,
+) -> String {
+    match output {
+        WatchOutput::Compact => {
+            let on = node
+                .map(|n| format!("{}: ", n.trim_end()))
+                .unwrap_or_default();
+            let text = format!(
+                "!! {on}reconnected to {server} after {} ms ({}): commands in between not shown",
+                gap.as_millis(),
+                visible(cause)
+            );
+            paint(colour, "1;33", &text)
+        }
+        WatchOutput::Json => json!({
+            "node": node.map(str::trim_end).unwrap_or_default(),
+            "reconnected": {
+                "server": server,
+                "cause": cause,
+                "gap_ms": gap.as_millis() as u64,
+            },
+        })
+        .to_string(),
+    }
+}
+
 /// `redisctl --cluster watch`: Watch on every node's daemon at once, merged into one output in
 /// arrival order; compact lines get a NODE column, JSON lines carry `node` as always. A daemon
 /// that cannot be reached or whose stream breaks is named on stderr and the rest go on; the
@@ -180,6 +216,25 @@ pub async fn run_cluster(
                     Failure::of(daemon, &error).report();
                 }
                 failed += 1;
+                continue;
+            }
+            Delivery::Reconnected(index, cause, gap) => {
+                let Some(daemon) = found.daemons.get(index) else {
+                    continue;
+                };
+                let node = format!("{:<width$}", daemon.node);
+                let line = reconnected(
+                    &daemon.address,
+                    Some(&node),
+                    &cause,
+                    gap,
+                    args.output,
+                    colour,
+                );
+                let mut out = stdout.lock();
+                if writeln!(out, "{line}").and_then(|()| out.flush()).is_err() {
+                    return Ok(());
+                }
                 continue;
             }
             Delivery::Ended(index) => {

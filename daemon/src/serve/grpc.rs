@@ -273,6 +273,11 @@ pub async fn start(
         // Streams one connection may have open at once (Watch streams are capped node-wide by
         // --max-subscribers on top): a client cannot make the daemon hold unbounded calls.
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION));
+    if let Some((age, grace)) = config.max_connection_age {
+        builder = builder
+            .max_connection_age(age)
+            .max_connection_age_grace(grace);
+    }
     let tls = match &config.tls {
         Some(files) => Some(Arc::new(ReloadingTls::new(files.clone())?)),
         None => None,

@@ -802,6 +802,7 @@ mod tests {
             expire_after: Duration::from_secs(300),
             watch_queue: 1,
             max_subscribers: 1,
+            max_connection_age: None,
             authz: None,
             health_listen: None,
             reflection: false,

@@ -88,6 +88,8 @@ pub struct ServeConfig {
     pub watch_queue: usize,
     /// Watch streams open at once.
     pub max_subscribers: u64,
+    /// How long a gRPC connection may live, and then how long its calls may still run.
+    pub max_connection_age: Option<(Duration, Duration)>,
     /// `--authz kubernetes`: who may see what.
     pub authz: Option<Arc<authz::Authorizer>>,
     /// A plaintext listener for health checks only.
