@@ -349,6 +349,8 @@ pub struct Aggregator {
     /// Ids of rows that counted something since the last [`Aggregator::drain_changes`] (an id
     /// may repeat after its row expired and the id was reused: its `changed` flag decides).
     changed: Vec<u32>,
+    /// Calls of [`Aggregator::expire`] that expired rows.
+    expirations: u64,
 }
 
 struct Row {
@@ -687,42 +689,64 @@ impl Aggregator {
     }
 
     /// Rows matching `filter`, summed over everything not in `group_by`, cumulative or over the
-    /// last `window_seconds` (counted back from `now_unix_s`).
+    /// last `window_seconds` (counted back from `now_unix_s`), in one piece (the API copies in
+    /// pieces: see [`Aggregator::copy_rows`]).
     pub fn query(
         &self,
         filter: impl Fn(&RowKey) -> bool,
         group_by: &[GroupBy],
         window: Option<(u64, u64)>,
     ) -> Vec<(RowKey, RowStats)> {
-        let mut grouped: HashMap<RowKey, RowStats> = HashMap::new();
+        let mut rows = Vec::new();
+        self.copy_rows(0, usize::MAX, window, &mut rows);
+        group(rows.iter().filter(|(key, _)| filter(key)), group_by)
+    }
+
+    /// Copies rows with ids from `from` on, as they stand (cumulative, or over the last
+    /// `seconds` counted back from `now_unix_s`), until `max` are copied; returns the id to go
+    /// on from, `None` when every row is copied. A reader copies in such pieces, letting go of
+    /// the lock the pipeline needs in between, and groups and filters afterwards; it starts
+    /// again when [`Aggregator::expirations`] moved meanwhile (a row may have folded into
+    /// another it copied or has yet to copy).
+    pub fn copy_rows(
+        &self,
+        from: usize,
+        max: usize,
+        window: Option<(u64, u64)>,
+        out: &mut Vec<(RowKey, RowStats)>,
+    ) -> Option<usize> {
+        let end = from.saturating_add(max).min(self.rows.len());
+        let rows = self.rows.get(from..end).unwrap_or_default();
         match window {
-            None => {
-                for row in self.rows.iter().flatten() {
-                    if filter(&row.key) {
-                        grouped
-                            .entry(project(&row.key, group_by))
-                            .or_default()
-                            .merge(&row.stats);
-                    }
-                }
-            }
+            None => out.extend(
+                rows.iter()
+                    .flatten()
+                    .map(|row| (row.key.clone(), row.stats.clone())),
+            ),
             Some((now_unix_s, seconds)) => {
                 let since = now_unix_s.saturating_sub(seconds);
-                for kept in self.recent.iter().filter(|kept| kept.second > since) {
-                    for (id, stats) in &kept.rows {
-                        if stats.is_empty() {
-                            continue;
-                        }
-                        if let Some(Some(row)) = self.rows.get(*id as usize)
-                            && filter(&row.key)
+                for (id, row) in (from..end).zip(rows) {
+                    let Some(row) = row else { continue };
+                    let mut stats: Option<RowStats> = None;
+                    for kept in self.recent.iter().filter(|kept| kept.second > since) {
+                        if let Some(counted) = kept.rows.get(&(id as u32))
+                            && !counted.is_empty()
                         {
-                            stats.add_to(grouped.entry(project(&row.key, group_by)).or_default());
+                            counted.add_to(stats.get_or_insert_with(RowStats::default));
                         }
+                    }
+                    if let Some(stats) = stats {
+                        out.push((row.key.clone(), stats));
                     }
                 }
             }
         }
-        grouped.into_iter().collect()
+        (end < self.rows.len()).then_some(end)
+    }
+
+    /// How many times rows expired so far (see [`Aggregator::copy_rows`]).
+    pub fn expirations(&self) -> u64 {
+        self.expirations
     }
 
     /// Forgets rows that saw nothing for `grace_ns` and can count no more; returns how many.
@@ -772,6 +796,7 @@ impl Aggregator {
         if expired > 0 {
             // Slots may point at freed ids, which new rows will reuse.
             self.slots.clear();
+            self.expirations += 1;
         }
         expired
     }
@@ -851,6 +876,21 @@ impl RowKey {
             command: String::new(),
         }
     }
+}
+
+/// Rows summed over everything not in `group_by`.
+pub fn group<'a>(
+    rows: impl Iterator<Item = &'a (RowKey, RowStats)>,
+    group_by: &[GroupBy],
+) -> Vec<(RowKey, RowStats)> {
+    let mut grouped: HashMap<RowKey, RowStats> = HashMap::new();
+    for (key, stats) in rows {
+        grouped
+            .entry(project(key, group_by))
+            .or_default()
+            .merge(stats);
+    }
+    grouped.into_iter().collect()
 }
 
 /// Keeps the fields named in `group_by` and blanks the rest.
@@ -1015,6 +1055,42 @@ mod tests {
             2
         );
         assert_eq!(aggregator.rows(), 0);
+    }
+
+    /// Rows copied in pieces are the rows copied at once, cumulative and over a window, and an
+    /// expiry between pieces shows in `expirations`.
+    #[test]
+    fn rows_copied_in_pieces_are_the_rows_copied_at_once() {
+        let mut aggregator = Aggregator::new();
+        for pid in 1..=50 {
+            let process = conn(u64::from(pid), pid);
+            aggregator.record_batch(
+                &[
+                    event(&process, "get", 100 + u64::from(pid % 7), 1_000),
+                    event(&process, "set", 90, 2_000),
+                ],
+                0,
+                key_of,
+            );
+        }
+        for window in [None, Some((106, 10))] {
+            let mut whole = Vec::new();
+            assert_eq!(
+                aggregator.copy_rows(0, usize::MAX, window, &mut whole),
+                None
+            );
+            let (mut pieces, mut from) = (Vec::new(), Some(0));
+            while let Some(at) = from {
+                from = aggregator.copy_rows(at, 7, window, &mut pieces);
+            }
+            assert_eq!(pieces, whole, "window {window:?}");
+            assert_eq!(whole.len(), if window.is_some() { 50 } else { 100 });
+        }
+        let before = aggregator.expirations();
+        aggregator.expire(200_000_000_000, 1, |_| true, |_| false);
+        assert_eq!(aggregator.expirations(), before, "nothing expired");
+        aggregator.expire(200_000_000_000, 1, |pid| pid != 3, |_| false);
+        assert_eq!(aggregator.expirations(), before + 1);
     }
 
     /// What an expired row counted is handed to the exporter once: through its own row before

@@ -127,16 +127,6 @@ pub const DEFAULT_GROUP_BY: [GroupBy; 6] = [
     GroupBy::Command,
 ];
 
-pub const ALL_GROUP_BY: [GroupBy; 7] = [
-    GroupBy::Namespace,
-    GroupBy::Pod,
-    GroupBy::Container,
-    GroupBy::Process,
-    GroupBy::Role,
-    GroupBy::Command,
-    GroupBy::Peer,
-];
-
 pub fn group_by(values: &[i32]) -> Result<Vec<GroupBy>, tonic::Status> {
     if values.is_empty() {
         return Ok(DEFAULT_GROUP_BY.to_vec());
@@ -156,21 +146,4 @@ pub fn group_by(values: &[i32]) -> Result<Vec<GroupBy>, tonic::Status> {
             ))),
         })
         .collect()
-}
-
-/// Keeps the fields named in `group_by` and blanks the rest (role always stays: client and
-/// server views of one call must not be added up).
-pub fn project(key: &RowKey, group_by: &[GroupBy]) -> RowKey {
-    let has = |field| group_by.contains(&field);
-    let keep = |yes: bool, value: &String| if yes { value.clone() } else { String::new() };
-    RowKey {
-        role: key.role,
-        namespace: keep(has(GroupBy::Namespace) || has(GroupBy::Pod), &key.namespace),
-        pod: keep(has(GroupBy::Pod), &key.pod),
-        container: keep(has(GroupBy::Container), &key.container),
-        pid: if has(GroupBy::Process) { key.pid } else { 0 },
-        comm: keep(has(GroupBy::Process), &key.comm),
-        peer: keep(has(GroupBy::Peer), &key.peer),
-        command: keep(has(GroupBy::Command), &key.command),
-    }
 }

@@ -1,7 +1,6 @@
 //! The `respwatch.v1.Observer` service, and the gRPC server that carries it beside reflection
 //! (v1 and v1alpha) and `grpc.health.v1`.
 use std::{
-    collections::HashMap,
     net::SocketAddr,
     sync::{Arc, atomic::Ordering},
     time::Duration,
@@ -25,10 +24,18 @@ use super::{
     ListenAddr, ServeConfig, ServeState, authz::Authorizer, convert, filter::FilterSet,
     now_unix_ns, stopped, tls::ReloadingTls, watch,
 };
-use crate::{aggregate::WINDOW_SECONDS, pipeline::Shared};
+use crate::{
+    aggregate::{self, RowKey, RowStats, WINDOW_SECONDS},
+    pipeline::Shared,
+};
 
 /// HTTP/2 streams per client connection.
 const MAX_STREAMS_PER_CONNECTION: u32 = 100;
+/// Rows GetStats copies per hold of the aggregator's lock: the pipeline waits for one piece at
+/// most (≤ 3 ms measured here), not for all rows (80-90 ms for 20,000).
+const ROWS_PER_LOCK: usize = 256;
+/// Copies started again because rows expired meanwhile, before the rest is copied in one hold.
+const COPY_RETRIES: usize = 3;
 
 /// The service implementation.
 #[derive(Clone)]
@@ -106,26 +113,14 @@ impl v1::observer_server::Observer for Observer {
         let now = now_unix_ns();
         let window = (request.window_seconds > 0)
             .then(|| (now / 1_000_000_000, u64::from(request.window_seconds)));
-        let full = {
-            let aggregator = self
-                .shared()
-                .aggregator
-                .lock()
-                .map_err(|_| Status::internal("aggregator poisoned"))?;
-            aggregator.query(|_| true, &convert::ALL_GROUP_BY, window)
-        };
+        let full = copy_rows(self.shared(), window)?;
         let attributor = &self.shared().attributor;
         let full = convert::current_rows(full, attributor);
-        let mut grouped: HashMap<_, crate::aggregate::RowStats> = HashMap::new();
-        for (key, stats) in full
-            .iter()
-            .filter(|(key, stats)| filters.allows_row(key, stats, attributor))
-        {
-            grouped
-                .entry(convert::project(key, &group_by))
-                .or_default()
-                .merge(stats);
-        }
+        let grouped = aggregate::group(
+            full.iter()
+                .filter(|(key, stats)| filters.allows_row(key, stats, attributor)),
+            &group_by,
+        );
         let mut rows: Vec<v1::StatsRow> = grouped
             .iter()
             .map(|(key, stats)| convert::row(key, stats, attributor))
@@ -376,4 +371,40 @@ pub async fn start(
             })
         }
     }
+}
+
+/// Every row, copied in pieces of [`ROWS_PER_LOCK`] (see `Aggregator::copy_rows`): started
+/// again when rows expired meanwhile, since an expired row folds into another row.
+fn copy_rows(
+    shared: &Shared,
+    window: Option<(u64, u64)>,
+) -> Result<Vec<(RowKey, RowStats)>, Status> {
+    let mut rows = Vec::new();
+    for attempt in 0..=COPY_RETRIES {
+        let piece = if attempt == COPY_RETRIES {
+            usize::MAX
+        } else {
+            ROWS_PER_LOCK
+        };
+        rows.clear();
+        let (mut from, mut expirations) = (Some(0), None);
+        while let Some(at) = from {
+            let aggregator = shared
+                .aggregator
+                .lock()
+                .map_err(|_| Status::internal("aggregator poisoned"))?;
+            if *expirations.get_or_insert(aggregator.expirations()) != aggregator.expirations() {
+                break;
+            }
+            if at == 0 {
+                // Grown once, not while the lock is held for later pieces.
+                rows.reserve(aggregator.rows());
+            }
+            from = aggregator.copy_rows(at, piece, window, &mut rows);
+        }
+        if from.is_none() {
+            break;
+        }
+    }
+    Ok(rows)
 }

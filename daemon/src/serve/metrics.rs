@@ -857,11 +857,13 @@ mod tests {
             record(&state, &[event(&two, "del", now, 1_000)]);
             let text = state.exporter.render();
             state.exporter.flush(&state);
-            let rows = state.shared.aggregator.lock().expect("lock").query(
-                |_| true,
-                &convert::ALL_GROUP_BY,
-                None,
-            );
+            let mut rows = Vec::new();
+            state
+                .shared
+                .aggregator
+                .lock()
+                .expect("lock")
+                .copy_rows(0, usize::MAX, None, &mut rows);
             let sum = |value: fn(&crate::aggregate::RowStats) -> u64| -> f64 {
                 rows.iter().map(|(_, s)| value(s)).sum::<u64>() as f64
             };
