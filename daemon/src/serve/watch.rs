@@ -41,18 +41,20 @@ impl Watching {
         let id = watching.next;
         watching.next += 1;
         watching.sets.insert(id, filters.clone());
-        shared.set_watch_interest(Some(Arc::new(Interest(
-            watching.sets.values().cloned().collect(),
-        ))));
+        publish(shared, &watching.sets);
         id
     }
 
     fn end(&self, shared: &Shared, id: u64) {
         let mut watching = self.0.lock().unwrap_or_else(|p| p.into_inner());
         watching.sets.remove(&id);
-        let interest: Vec<FilterSet> = watching.sets.values().cloned().collect();
-        shared.set_watch_interest(Some(Arc::new(Interest(interest))));
+        publish(shared, &watching.sets);
     }
+}
+
+/// Hands the pipeline the filters of the streams open now.
+fn publish(shared: &Shared, sets: &BTreeMap<u64, FilterSet>) {
+    shared.set_watch_interest(Some(Arc::new(Interest(sets.values().cloned().collect()))));
 }
 
 /// The open streams' filters, as the pipeline asks them.
