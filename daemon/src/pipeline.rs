@@ -377,6 +377,7 @@ impl Pipeline {
             let shared = Arc::clone(&self.shared);
             let counters = &shared.counters;
             if swept {
+                give_back_free_memory();
                 self.capture.check_attached()?;
                 self.capture.take_late_closes(&mut late_closes);
                 self.stages
@@ -579,4 +580,22 @@ fn clock_ns(clock: libc::clockid_t) -> u64 {
 /// Wall clock minus monotonic clock, to date kernel timestamps.
 fn realtime_offset_ns() -> i128 {
     clock_ns(libc::CLOCK_REALTIME) as i128 - monotonic_ns() as i128
+}
+
+// Links mimalloc into every binary of this crate (tests and benches too), which defines mi_collect.
+use mimalloc as _;
+
+unsafe extern "C" {
+    /// mimalloc's own: frees what this thread's heap holds unused and returns it to the OS as
+    /// its purge policy says.
+    fn mi_collect(force: bool);
+}
+
+/// Memory a burst left freed goes back to the kernel once a sweep (each second) instead of
+/// staying with the pipeline thread's heap: its large message buffers are freed and made again
+/// per burst, not per message.
+fn give_back_free_memory() {
+    // SAFETY: mimalloc is the global allocator (linked in main.rs); mi_collect only touches
+    // the calling thread's heap.
+    unsafe { mi_collect(false) }
 }
