@@ -53,9 +53,15 @@ for bin in respwatchd redisctl; do
     done
 done
 
+# The image this tag named before, removed below once the tag moves: rebuilds must not pile up.
+previous=$(podman "${storage[@]}" image inspect --format '{{.Id}}' "$tag" 2>/dev/null || true)
 buildah "${storage[@]}" build --quiet --layers=false --build-arg "VERSION=$version" \
   -f "$root_dir/deploy/Containerfile" -t "$tag" "$context" >/dev/null
 
+current=$(podman "${storage[@]}" image inspect --format '{{.Id}}' "$tag")
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+  podman "${storage[@]}" rmi "$previous" >/dev/null 2>&1 || true
+fi
 echo "image $tag: $(podman "${storage[@]}" image inspect --format '{{.Size}}' "$tag") bytes"
 container=$(podman "${storage[@]}" create "$tag")
 podman "${storage[@]}" export "$container" | tar -tv | awk '{ print $1, $3, $6 }' | sort -k3
