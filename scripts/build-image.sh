@@ -37,7 +37,12 @@ if [ -z "$bin_dir" ]; then
 fi
 
 context=$(mktemp -d "${TMPDIR:-/tmp}/respwatch-image.XXXXXX")
-trap 'rm -rf "$context"' EXIT
+container=""
+cleanup() {
+  rm -rf "$context"
+  [ -z "$container" ] || podman "${storage[@]}" rm "$container" >/dev/null 2>&1 || true
+}
+trap cleanup EXIT
 rootfs="$context/rootfs"
 mkdir -p "$rootfs/usr/local/bin"
 for bin in respwatchd redisctl; do
@@ -65,4 +70,3 @@ fi
 echo "image $tag: $(podman "${storage[@]}" image inspect --format '{{.Size}}' "$tag") bytes"
 container=$(podman "${storage[@]}" create "$tag")
 podman "${storage[@]}" export "$container" | tar -tv | awk '{ print $1, $3, $6 }' | sort -k3
-podman "${storage[@]}" rm "$container" >/dev/null
