@@ -5,7 +5,7 @@
 # Installs: the nightly Rust toolchain with rust-src (eBPF builds need -Z build-std=core),
 # LLVM 22 and bpf-linker built against it, redis-server/redis-tools, bpftool, and the real peers
 # the tests drive (redis-py, a node client, clang for the lossy-link test's tc program, ethtool),
-# and kubernetes-validate for the deploy/ manifests.
+# kubernetes-validate for the deploy/ manifests, and buildah, podman and runc for the image test.
 set -euo pipefail
 
 BPF_LINKER_VERSION=0.13.0
@@ -102,10 +102,18 @@ ensure_deploy_peers() {
   fi
 }
 
+# The image test's tools: buildah builds the `FROM scratch` image (no registry needed), podman
+# runs it with the DaemonSet's privileges, on runc (crun refuses hybrid cgroup layouts). The
+# alert rules are checked with promtool, from the prometheus package above.
+ensure_image_tools() {
+  apt_install buildah podman runc
+}
+
 need_root
 ensure_rust
 ensure_peers
 ensure_api_peers
 ensure_deploy_peers
+ensure_image_tools
 ensure_bpf_linker
 log "ready"

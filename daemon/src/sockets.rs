@@ -5,8 +5,10 @@
 //! owner there; for those, the process is found once in `/proc`: the socket's inode in its
 //! network namespace's TCP table, then the process of the socket's cgroup that holds it (for an
 //! accepted socket not yet accepted by the application: the one that holds the listener). That
-//! needs to read other processes' `/proc/<pid>/fd`: root of the same user namespace, or
-//! CAP_SYS_PTRACE; without it, such connections keep their cgroup (container, pod) and pid 0.
+//! needs to read other processes' `/proc/<pid>/fd` and `/proc/<pid>/ns/net`: CAP_SYS_PTRACE
+//! (the kernel's ptrace access check: other users' processes, and root's when ours has fewer
+//! capabilities, as in a container) and CAP_DAC_READ_SEARCH (other users' `fd` directories are
+//! mode 0500); without them, such connections keep their cgroup (container, pod) and pid 0.
 use std::{
     collections::HashMap,
     fmt, fs,

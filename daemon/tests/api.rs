@@ -1157,32 +1157,6 @@ fn server_counts(pid: u32) -> BTreeMap<String, (u64, u64, u64)> {
         .collect()
 }
 
-/// `INFO commandstats` as (calls, rejected, failed) by command.
-fn redis_counts(server: &RedisServer) -> BTreeMap<String, (u64, u64, u64)> {
-    server
-        .info("commandstats")
-        .into_iter()
-        .filter_map(|(key, value)| {
-            let name = key.strip_prefix("cmdstat_")?.to_owned();
-            let field = |wanted: &str| {
-                value
-                    .split(',')
-                    .find_map(|f| f.strip_prefix(wanted)?.strip_prefix('='))
-                    .and_then(|v| v.parse().ok())
-                    .unwrap_or(0)
-            };
-            Some((
-                name,
-                (
-                    field("calls"),
-                    field("rejected_calls"),
-                    field("failed_calls"),
-                ),
-            ))
-        })
-        .collect()
-}
-
 fn loss(status: &v1::GetStatusResponse, reason: &str) -> u64 {
     status
         .losses
@@ -1213,7 +1187,7 @@ fn ten_bursts_in_a_row_stay_exact_on_the_default_ring() {
             "set,get,incr,lpush,rpush,lpop,rpop,sadd,hset,spop,zadd,zpopmin,lrange_100,mset",
         ]);
         server.benchmark(&["-n", "300", "-c", "4", "-d", "100000", "-t", "set,get"]);
-        let mut redis = redis_counts(&server);
+        let mut redis = server.command_counts();
         // The INFO call just made: Redis counts it after answering, the daemon sees it.
         redis.entry("info".to_owned()).or_default().0 += 1;
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -1390,7 +1364,7 @@ fn readers_and_stalled_scrapers_do_not_hold_up_capture() {
         done.store(true, Ordering::Relaxed);
         reader.join().expect("reader")
     });
-    let mut redis = redis_counts(&server);
+    let mut redis = server.command_counts();
     // The INFO call just made: Redis counts it after answering, the daemon sees it.
     redis.entry("info".to_owned()).or_default().0 += 1;
     wait_for("every call counted as Redis counts it", || {

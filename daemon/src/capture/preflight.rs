@@ -19,13 +19,29 @@ const REQUIRED: [(u32, &str); 3] = [
         "CAP_NET_ADMIN (load and attach cgroup_skb and sockops programs)",
     ),
 ];
+/// Capabilities without which the daemon runs, but finds no process for connections that were
+/// open before it started (see `sockets`): their owners are looked up in other processes'
+/// `/proc/<pid>/fd` and `/proc/<pid>/ns/net`.
+const FOR_OLDER_CONNECTIONS: [(u32, &str); 2] = [
+    (
+        CAP_SYS_PTRACE,
+        "CAP_SYS_PTRACE (read /proc/<pid>/fd of processes of other users or with more capabilities)",
+    ),
+    (
+        CAP_DAC_READ_SEARCH,
+        "CAP_DAC_READ_SEARCH (list other users' /proc/<pid>/fd directories)",
+    ),
+];
+const CAP_DAC_READ_SEARCH: u32 = 2;
 const CAP_NET_ADMIN: u32 = 12;
+const CAP_SYS_PTRACE: u32 = 19;
 const CAP_SYS_ADMIN: u32 = 21;
 const CAP_PERFMON: u32 = 38;
 const CAP_BPF: u32 = 39;
 
-/// The capabilities of [`REQUIRED`] missing from the effective set; CAP_SYS_ADMIN stands in for
-/// all of them, as it does in the kernel.
+/// Fails when capabilities of [`REQUIRED`] are missing from the effective set (CAP_SYS_ADMIN
+/// stands in for all of them, as it does in the kernel); warns about those of
+/// [`FOR_OLDER_CONNECTIONS`], whose lack costs attribution only.
 pub fn check_privileges() -> Result<(), CaptureError> {
     let status =
         std::fs::read_to_string("/proc/self/status").map_err(|source| CaptureError::Proc {
@@ -38,11 +54,26 @@ pub fn check_privileges() -> Result<(), CaptureError> {
         .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
         .unwrap_or(0);
     let missing = missing_capabilities(effective);
-    if missing.is_empty() {
-        Ok(())
-    } else {
-        Err(CaptureError::NotPrivileged { missing })
+    if !missing.is_empty() {
+        return Err(CaptureError::NotPrivileged { missing });
     }
+    let lacking = missing_for_older_connections(effective);
+    if !lacking.is_empty() {
+        tracing::warn!(
+            missing = %lacking.join(", "),
+            "connections open before respwatchd started will be attributed to their cgroup \
+             (container, pod) but not to their process: respwatchd lacks these capabilities"
+        );
+    }
+    Ok(())
+}
+
+fn missing_for_older_connections(effective: u64) -> Vec<&'static str> {
+    FOR_OLDER_CONNECTIONS
+        .iter()
+        .filter(|(cap, _)| effective & (1u64 << cap) == 0)
+        .map(|(_, what)| *what)
+        .collect()
 }
 
 fn missing_capabilities(effective: u64) -> Vec<&'static str> {
@@ -192,5 +223,9 @@ mod tests {
         assert_eq!(missing.len(), 1);
         assert!(missing[0].starts_with("CAP_NET_ADMIN"), "{missing:?}");
         assert_eq!(missing_capabilities(0).len(), 3);
+        assert!(missing_for_older_connections(u64::MAX).is_empty());
+        let lacking = missing_for_older_connections(1 << CAP_SYS_PTRACE);
+        assert_eq!(lacking.len(), 1);
+        assert!(lacking[0].starts_with("CAP_DAC_READ_SEARCH"), "{lacking:?}");
     }
 }

@@ -3,8 +3,8 @@
 //! stats under the bursts that used to overflow the ring.
 use std::{
     collections::BTreeMap,
-    io::{BufRead, BufReader, Write},
-    process::{Child, Command, Stdio},
+    io::{BufRead, Write},
+    process::{Command, Stdio},
     sync::atomic::Ordering::Relaxed,
     time::{Duration, Instant},
 };
@@ -16,7 +16,7 @@ use respwatchd::{capture::CaptureConfig, pipeline::monotonic_ns};
 use crate::{
     commandstats::{assert_matches_redis, client_rows_of, daemon_rows, redis_stats},
     kernel,
-    redis::client_script,
+    redis::{client_script, preexisting_client},
     support::{Harness, RedisServer, WAIT, node_modules, python},
 };
 
@@ -300,25 +300,6 @@ fn a_replication_link_keeps_the_masters_stats_exact() {
     }
 }
 
-/// A client of `preexisting.py`, started and waited for until it says it is ready.
-fn preexisting_client(
-    server: &RedisServer,
-    mode: &str,
-) -> (Child, BufReader<std::process::ChildStdout>) {
-    let mut child = Command::new(python())
-        .arg(client_script("preexisting.py"))
-        .args([&server.port.to_string(), mode])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("python client");
-    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    stdout.read_line(&mut line).expect("ready line");
-    assert_eq!(line.trim(), "ready", "{mode} client");
-    (child, stdout)
-}
-
 /// Connections open before the daemon started — one idle, one in the middle of pipelining
 /// 100 KB values — are picked up mid-stream: counted from their first whole command, attributed
 /// to their processes (the kernel saw neither connect nor listen: found in /proc), and the bytes
@@ -327,8 +308,9 @@ fn preexisting_client(
 fn connections_open_before_the_daemon_are_picked_up_mid_stream() {
     let _turn = Harness::exclusive();
     let server = RedisServer::start(&[]);
-    let (mut idle, mut idle_out) = preexisting_client(&server, "idle");
-    let (mut busy, busy_out) = preexisting_client(&server, "busy");
+    let python = python();
+    let (mut idle, mut idle_out) = preexisting_client(&server, "idle", &[python.as_os_str()]);
+    let (mut busy, busy_out) = preexisting_client(&server, "busy", &[python.as_os_str()]);
     let starting = monotonic_ns();
     let daemon = Harness::start(CaptureConfig::default());
     let ready = monotonic_ns();

@@ -7,8 +7,10 @@
 
 use std::{
     collections::BTreeMap,
+    ffi::OsStr,
+    io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Output, Stdio},
+    process::{Child, ChildStdout, Command, Output, Stdio},
     time::{Duration, Instant},
 };
 
@@ -36,6 +38,29 @@ pub fn client_script(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/clients")
         .join(name)
+}
+
+/// A client of `preexisting.py` (`mode` idle or busy), run by `python` (an interpreter, after
+/// a prefix such as `setpriv --reuid=…` if wanted) and waited for until it says it is ready.
+pub fn preexisting_client(
+    server: &RedisServer,
+    mode: &str,
+    python: &[&OsStr],
+) -> (Child, BufReader<ChildStdout>) {
+    let (program, prefix) = python.split_first().expect("an interpreter");
+    let mut child = Command::new(program)
+        .args(prefix)
+        .arg(client_script("preexisting.py"))
+        .args([&server.port.to_string(), mode])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python client");
+    let mut stdout = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    stdout.read_line(&mut line).expect("ready line");
+    assert_eq!(line.trim(), "ready", "{mode} client");
+    (child, stdout)
 }
 
 /// A real redis-server on a free loopback port, killed on drop.
@@ -110,6 +135,32 @@ impl RedisServer {
             .lines()
             .filter_map(|line| line.trim_end().split_once(':'))
             .map(|(k, v)| (k.to_owned(), v.to_owned()))
+            .collect()
+    }
+
+    /// `INFO commandstats` as (calls, rejected, failed) by command: what the daemon's
+    /// server-role rows of this process must equal.
+    pub fn command_counts(&self) -> BTreeMap<String, (u64, u64, u64)> {
+        self.info("commandstats")
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let name = key.strip_prefix("cmdstat_")?.to_owned();
+                let field = |wanted: &str| {
+                    value
+                        .split(',')
+                        .find_map(|f| f.strip_prefix(wanted)?.strip_prefix('='))
+                        .and_then(|v| v.parse().ok())
+                        .unwrap_or(0)
+                };
+                Some((
+                    name,
+                    (
+                        field("calls"),
+                        field("rejected_calls"),
+                        field("failed_calls"),
+                    ),
+                ))
+            })
             .collect()
     }
 
