@@ -416,11 +416,7 @@ impl WindowStats {
         if let Some(latency) = counted_latency(event) {
             self.latency_ns += latency;
             self.max_ns = self.max_ns.max(latency);
-            let bucket = Histogram::index(latency) as u16;
-            match self.buckets.binary_search_by_key(&bucket, |(b, _)| *b) {
-                Ok(at) => self.buckets[at].1 += 1,
-                Err(at) => self.buckets.insert(at, (bucket, 1)),
-            }
+            self.count_bucket(Histogram::index(latency) as u16, 1);
         }
         if let Some(error) = &event.error {
             self.count_error(&error.prefix, 1);
@@ -437,13 +433,18 @@ impl WindowStats {
         self.bytes_out += other.bytes_out;
         self.last_seen_ns = self.last_seen_ns.max(other.last_seen_ns);
         for &(bucket, count) in &other.buckets {
-            match self.buckets.binary_search_by_key(&bucket, |(b, _)| *b) {
-                Ok(at) => self.buckets[at].1 += count,
-                Err(at) => self.buckets.insert(at, (bucket, count)),
-            }
+            self.count_bucket(bucket, count);
         }
         for (prefix, count) in &other.errors {
             self.count_error(prefix, *count);
+        }
+    }
+
+    /// Keeps `buckets` in bucket order.
+    fn count_bucket(&mut self, bucket: u16, count: u32) {
+        match self.buckets.binary_search_by_key(&bucket, |(b, _)| *b) {
+            Ok(at) => self.buckets[at].1 += count,
+            Err(at) => self.buckets.insert(at, (bucket, count)),
         }
     }
 

@@ -2,6 +2,7 @@
 //! `/metrics`, driven by real redis-server/redis-cli/redis-benchmark traffic and read with the
 //! real `redisctl`, grpcurl, Prometheus and promtool.
 mod api_support;
+mod http;
 mod ports;
 mod redis;
 mod redisctl_bin;

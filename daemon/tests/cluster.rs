@@ -4,6 +4,7 @@
 //! port); the API server test double lists their DaemonSet pods to the real `redisctl`, which
 //! finds them, fans `watch`, `stats` and `status` out and merges the answers. Real redis-server
 //! and redis-cli processes run in kubelet-named cgroups of pods on either node.
+mod http;
 mod kube_support;
 mod ports;
 mod redisctl_bin;

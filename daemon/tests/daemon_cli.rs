@@ -2,6 +2,7 @@
 //! to other agents' programs, detaches on SIGTERM/SIGINT (and the kernel detaches it on
 //! SIGKILL) leaving no program behind, and refuses clearly when it lacks privileges, cgroup v2,
 //! or sane flags.
+mod http;
 mod kernel;
 mod ports;
 mod redis;
@@ -174,7 +175,7 @@ fn another_agents_programs_keep_running_after_ours_detach() {
     let (other, _) = start(daemon_at(other_metrics));
     let others: std::collections::BTreeSet<u64> = kernel::our_program_ids();
     let records = || -> u64 {
-        let text = http_get(other_metrics, "/metrics");
+        let text = http::http_get(&format!("127.0.0.1:{other_metrics}"), "/metrics");
         text.lines()
             .find_map(|line| line.strip_prefix("respwatch_records_total "))
             .and_then(|value| value.trim().parse().ok())
@@ -207,20 +208,6 @@ fn another_agents_programs_keep_running_after_ours_detach() {
     assert!(wait_bounded(other).success());
 }
 
-fn http_get(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream =
-        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut body = String::new();
-    stream.read_to_string(&mut body).expect("response");
-    body
-}
-
 /// TCP retransmissions in the host's network namespace.
 fn retransmitted_segments() -> u64 {
     kernel::retransmitted_segments(&std::fs::read_to_string("/proc/net/snmp").expect("snmp"))
@@ -246,7 +233,7 @@ fn a_full_ring_drops_no_packet() {
     let with = workload();
     // The kernel counters are read every second, and `/metrics` fed every second.
     std::thread::sleep(Duration::from_millis(2500));
-    let ring_full: u64 = http_get(metrics, "/metrics")
+    let ring_full: u64 = http::http_get(&format!("127.0.0.1:{metrics}"), "/metrics")
         .lines()
         .find_map(|line| {
             line.strip_prefix(r#"respwatch_lost_total{source="ring_buffer",reason="ring_full"} "#)
@@ -354,7 +341,7 @@ fn runs_with_exactly_its_capabilities() {
     }
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let text = http_get(metrics, "/metrics");
+        let text = http::http_get(&format!("127.0.0.1:{metrics}"), "/metrics");
         let sets = text
             .lines()
             .filter(|line| {
@@ -928,7 +915,7 @@ fn counters_never_go_down_when_process_rows_expire() {
         assert!(out.status.success());
     }
     let series = r#"respwatch_commands_total{comm="rw-expiry-cli",role="client",command="set"}"#;
-    let scrape = || http_get(metrics_port, "/metrics");
+    let scrape = || http::http_get(&format!("127.0.0.1:{metrics_port}"), "/metrics");
     // GetStats' rows of our clients' SETs: (pid, calls), sorted.
     let stats_rows = || {
         let out = grpcurl(&[
@@ -1124,7 +1111,7 @@ fn memory_stays_bounded_under_hostile_streams() {
     let (daemon, _) = start(command);
     let daemon = Reaped(daemon);
     let idle = rss_mib(daemon.0.id());
-    let scrape = || http_get(metrics_port, "/metrics");
+    let scrape = || http::http_get(&format!("127.0.0.1:{metrics_port}"), "/metrics");
     let lost = |text: &str, reason: &str| {
         let series =
             format!(r#"respwatch_lost_total{{source="pending_requests",reason="{reason}"}}"#);

@@ -3,6 +3,7 @@
 //! grants — capabilities, mounts, read-only root, no privilege escalation, the shipped seccomp
 //! profile, the host's PID namespace — in a private cgroup namespace, as Kubernetes runs it on
 //! cgroup v2. Everything is checked from outside the container.
+mod http;
 mod kernel;
 mod ports;
 mod redis;
@@ -11,7 +12,7 @@ mod redisctl_bin;
 use std::{
     collections::{BTreeMap, BTreeSet},
     ffi::OsStr,
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufRead, BufReader, Write},
     path::{Path, PathBuf},
     process::{Child, ChildStdout, Command, Output, Stdio},
     sync::{Mutex, OnceLock},
@@ -340,7 +341,10 @@ impl Container {
     }
 
     fn metrics(&self) -> String {
-        http_get(self.published["metrics"], "/metrics")
+        http::http_get(
+            &format!("127.0.0.1:{}", self.published["metrics"]),
+            "/metrics",
+        )
     }
 }
 
@@ -350,24 +354,6 @@ impl Drop for Container {
             .args(["rm", "--force", "--time", "0", &self.name])
             .output();
     }
-}
-
-fn http_get(port: u16, path: &str) -> String {
-    let mut stream =
-        std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect to /metrics");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    )
-    .expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("an HTTP response");
-    assert!(head.starts_with("HTTP/1.1 200"), "GET {path}: {head}");
-    body.to_owned()
 }
 
 /// Capability bit numbers (`linux/capability.h`) of the names the DaemonSet may use.

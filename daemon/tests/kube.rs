@@ -4,6 +4,7 @@
 //! bookmarks, 410 Gone, outages); real redis-server and redis-cli processes run in cgroup v2
 //! hierarchies named exactly as kubelet names them (systemd and cgroupfs drivers); the real
 //! `redisctl` and `/metrics` read the result.
+mod http;
 mod kube_support;
 mod ports;
 mod redisctl_bin;

@@ -69,21 +69,21 @@ pub fn check_privileges() -> Result<(), CaptureError> {
 }
 
 fn missing_for_older_connections(effective: u64) -> Vec<&'static str> {
-    FOR_OLDER_CONNECTIONS
-        .iter()
-        .filter(|(cap, _)| effective & (1u64 << cap) == 0)
-        .map(|(_, what)| *what)
-        .collect()
+    lacking(&FOR_OLDER_CONNECTIONS, effective)
 }
 
 fn missing_capabilities(effective: u64) -> Vec<&'static str> {
-    let has = |cap: u32| effective & (1u64 << cap) != 0;
-    if has(CAP_SYS_ADMIN) {
+    if effective & (1u64 << CAP_SYS_ADMIN) != 0 {
         return Vec::new();
     }
-    REQUIRED
+    lacking(&REQUIRED, effective)
+}
+
+/// What the capabilities of `wanted` missing from `effective` are needed for.
+fn lacking(wanted: &[(u32, &'static str)], effective: u64) -> Vec<&'static str> {
+    wanted
         .iter()
-        .filter(|(cap, _)| !has(*cap))
+        .filter(|(cap, _)| effective & (1u64 << cap) == 0)
         .map(|(_, what)| *what)
         .collect()
 }

@@ -3,8 +3,6 @@
 #![allow(dead_code, reason = "each test uses a different part")]
 
 use std::{
-    io::{Read, Write},
-    net::TcpStream,
     os::unix::process::CommandExt,
     path::PathBuf,
     process::{Child, Command, Output, Stdio},
@@ -274,23 +272,6 @@ pub fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// A plain HTTP/1.0 GET; returns the body (panics on non-200).
-pub fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
-    assert!(
-        head.starts_with("HTTP/1.1 200") || head.starts_with("HTTP/1.0 200"),
-        "GET {path}: {head}"
-    );
-    body.to_owned()
-}
-
 pub fn url_encode(text: &str) -> String {
     text.bytes()
         .map(|b| match b {
@@ -302,5 +283,6 @@ pub fn url_encode(text: &str) -> String {
         .collect()
 }
 
+pub use crate::http::http_get;
 pub use crate::ports::free_port;
 pub use crate::redis::{RedisServer, repo_root};

@@ -1215,21 +1215,8 @@ pub fn redis_server(cgroup: &mut ContainerCgroup, ip: &str) -> u16 {
     port
 }
 
+pub use crate::http::http_get;
 pub use crate::ports::free_port;
-
-/// A plain HTTP/1.0 GET; returns the body (panics on non-200).
-pub fn http_get(addr: &str, path: &str) -> String {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream
-        .set_read_timeout(Some(Duration::from_secs(10)))
-        .expect("timeout");
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").expect("request");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("http response");
-    assert!(head.contains(" 200 "), "GET {path}: {head}");
-    body.to_owned()
-}
 
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
